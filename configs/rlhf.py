@@ -1,0 +1,92 @@
+"""RLHF: PPO (or GRPO) against the synthetic judge or a trained reward model, KL-bounded.
+
+Run:
+  python -m fft.main --config=configs/rlhf.py --workdir=runs/rlhf \
+      --config.init_from=runs/instruction --config.rlhf.reward=runs/reward
+  python -m fft.main --config=configs/rlhf.py:grpo --workdir=runs/grpo
+  python -m fft.main --config=configs/rlhf.py:smoke --workdir=/tmp/rlhf      # < 1 minute
+Variants: '' (PPO, LoRA), 'grpo' (GRPO, no critic), 'full' (PPO, all weights), 'smoke',
+'smoke_grpo'.
+
+`steps` counts optimizer steps: each rollout of `rlhf.rollout_batch` sequences gives
+`rlhf.epochs * rollout_batch / batch_size` of them.
+"""
+
+import ml_collections
+
+from fft import config_lib
+
+
+def get_config(variant: str = ""):
+    """Returns the RLHF config for `variant`."""
+    c = config_lib.base_config()
+    c.method = "rlhf"
+    c.init_from = "fft:tiny"  # the policy's start: an SFT workdir (instruction method) is best
+    c.steps = 400  # optimizer steps (100 rollouts of 64 with epochs=2, batch_size=32)
+    c.batch_size = 32  # rows per optimizer step (a PPO minibatch)
+    c.seq_len = 96  # prompt (seq_len - max_new_tokens, left-padded) + response tokens
+    c.optim.lr = 1e-4  # policy lr (LoRA); lower it for full fine-tuning
+    c.optim.schedule = "constant"  # RL: no decay, short warmup
+    c.optim.warmup_steps = 10  # linear warmup steps
+    c.optim.weight_decay = 0.0  # no decay on adapters / value head
+    c.lora.rank = 8  # LoRA policy: the reference is the same weights with adapters disabled
+    c.checkpoint_every = 40  # a multiple of steps per rollout keeps checkpoints small
+    c.log_every = 4  # one line per rollout (epochs * rollout_batch / batch_size)
+
+    r = c.rlhf = ml_collections.ConfigDict()
+    r.algo = "ppo"  # ppo (value head + GAE) | grpo (group-relative advantages, no critic)
+    r.reward = "judge"  # 'judge' (synthetic true reward) or a reward-method workdir
+    r.world_seed = 0  # synthetic world seed (prompts and judge)
+    r.tasks = ""  # comma list of instruction tasks for prompts ('' = all)
+    r.train_prompts = 4000  # synthetic training prompts (the stream cycles through them)
+    r.eval_prompts = 64  # held-out prompts for true reward / win rate / KL
+    r.max_new_tokens = 24  # response length limit N
+    r.temperature = 1.0  # sampling temperature of rollouts (1.0 = on-policy)
+    r.rollout_batch = 64  # sequences per rollout (prompts x group_size for GRPO)
+    r.epochs = 2  # PPO epochs over each rollout
+    r.group_size = 4  # GRPO: samples per prompt (ignored by PPO)
+    r.grpo_normalize = True  # GRPO: divide by the group's reward std
+    r.clip_eps = 0.2  # PPO ratio clip
+    r.value_clip = 0.2  # value clip range (0 = off)
+    r.vf_coef = 0.1  # value-loss weight
+    r.ent_coef = 0.0  # entropy bonus weight
+    r.gamma = 1.0  # discount
+    r.lam = 0.95  # GAE lambda
+    r.whiten = True  # whiten advantages per rollout
+    r.kl_controller = "adaptive"  # fixed | adaptive (Ziegler et al. 2019)
+    r.kl_coef = 0.05  # initial beta (GRPO: weight of the in-loss k3 KL)
+    r.kl_target = 2.0  # adaptive: target KL per sequence (nats)
+    r.kl_horizon = 10000  # adaptive: horizon in samples
+    r.kl_estimator = "k1"  # per-token KL penalty estimator: k1 | k2 | k3
+
+    if variant in ("", "ppo"):
+        return c
+    if variant == "full":
+        c.lora.rank = 0
+        c.optim.lr = 1e-5
+        return c
+    if variant == "grpo":
+        r.algo = "grpo"
+        r.kl_controller = "fixed"
+        r.kl_coef = 0.04
+        return c
+    if variant in ("smoke", "smoke_grpo"):
+        config_lib.smoke(c)
+        c.steps = 4  # 2 rollouts x (epochs 1 x 16/8 minibatches)
+        c.batch_size = 8
+        c.seq_len = 80
+        c.lora.rank = 4
+        c.optim.lr = 1e-3
+        c.checkpoint_every = 2
+        c.log_every = 1
+        r.train_prompts = 64
+        r.eval_prompts = 8
+        r.max_new_tokens = 8
+        r.rollout_batch = 16
+        r.epochs = 1
+        if variant == "smoke_grpo":
+            r.algo = "grpo"
+            r.group_size = 4
+            c.lora.rank = 0  # full fine-tune: exercises the separate frozen reference
+        return c
+    raise config_lib.ConfigError(f"configs/rlhf.py: unknown variant {variant!r}")

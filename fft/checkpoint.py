@@ -1,0 +1,283 @@
+"""Checkpoints: orbax CheckpointManager over TrainState + the data iterator's JSON state.
+
+Layout: `DIR/<step>/state` (the TrainState pytree, sharded arrays via OCDBT) and
+`DIR/<step>/data` (JSON: the data iterator state, so a resume continues at the next example).
+Saves are asynchronous; only finalised checkpoints are visible to restore (orbax writes to a
+temporary directory and renames), and a checkpoint that fails to load is reported, moved aside
+and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from fft.config_lib import FFTError
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(FFTError):
+    """No usable checkpoint where one was asked for."""
+
+
+class Checkpointer:
+    """Keeps the last `keep` checkpoints of a run in `directory`.
+
+    Args:
+      directory: checkpoint root (created if missing); absolute or relative.
+      keep: how many checkpoints to keep (older ones are deleted after a save).
+      async_save: write in a background thread (call `wait()` before reading them).
+    """
+
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,  # leftovers of a save killed half-way
+        )
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def save(self, step: int, state, data_state: dict | None = None, *, force: bool = False):
+        """Saves `state` (a TrainState / pytree) and the JSON-able `data_state` at `step`."""
+        if step in self.all_steps():
+            return False  # e.g. the final save right after a periodic one
+        args = {"state": ocp.args.StandardSave(state)}
+        args["data"] = ocp.args.JsonSave(data_state or {})
+        return self._mngr.save(int(step), args=ocp.args.Composite(**args), force=force)
+
+    def wait(self):
+        """Blocks until pending asynchronous saves are on disk."""
+        self._mngr.wait_until_finished()
+
+    def close(self):
+        """Waits for pending saves and releases the manager."""
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    # -- restoring -------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+        """Restores `(state, data_state)` at `step` into `abstract_state`'s shapes and shardings.
+
+        Args:
+          abstract_state: pytree of `jax.ShapeDtypeStruct`s carrying `.sharding` (see
+            `fft.sharding.with_shardings`); arrays are placed (and resharded) accordingly.
+        """
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+        )
+        restored = self._mngr.restore(int(step), args=args)
+        return restored["state"], dict(restored["data"] or {})
+
+    def restore_latest(self, abstract_state) -> tuple[Any, dict, int] | None:
+        """Restores the newest checkpoint that loads; None when there is none.
+
+        A checkpoint that fails to load (truncated or corrupted files) is reported with a
+        warning naming its step, renamed to `<step>.corrupt-<n>` so that later saves of that
+        step do not collide, and the previous checkpoint is tried.
+
+        Returns:
+          `(state, data_state, step)` or None.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                state, data = self.restore(step, abstract_state)
+                return state, data, step
+            except Exception as e:  # noqa: BLE001 - any failure to load means "corrupt"
+                msg = f"checkpoint at step {step} in {self.directory} is unreadable ({e!r:.300})"
+                log.warning("%s; falling back to the previous checkpoint.", msg)
+                print(f"WARNING: {msg}; falling back to the previous checkpoint.", flush=True)
+                self._quarantine(step)
+        return None
+
+    def _quarantine(self, step: int):
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            n = 0
+            while os.path.exists(f"{src}.corrupt-{n}"):
+                n += 1
+            if os.path.isdir(src):
+                os.rename(src, f"{src}.corrupt-{n}")
+        _sync(f"fft_quarantine_{step}")
+        self._mngr.reload()
+
+
+def _sync(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# init_from an fft run: params only, resharded to the new mesh
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolve_step_dir(path: str) -> str:
+    """An fft workdir, its checkpoints/ dir, or one step dir -> the step dir to load."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    steps = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.isdigit() and os.path.isdir(os.path.join(root, name, "state")):
+                steps.append(int(name))
+    if not steps:
+        raise CheckpointError(f"init_from: no fft checkpoint found under {path!r}.")
+    return os.path.join(root, str(max(steps)))
+
+
+def _path_key(path) -> str:
+    parts = []
+    for p in path:
+        key = getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))
+        parts.append(str(key))
+    return "/".join(parts)
+
+
+def load_state(checkpoint_dir: str, abstract, shardings=None) -> nnx.State:
+    """Loads model weights from an fft checkpoint into (a subset of) `abstract`.
+
+    The checkpoint's `params` and `frozen` trees are both searched (a full fine-tune and a
+    LoRA run split the same weights differently), matched by path and shape, restored straight
+    into the target shardings (so a checkpoint from any mesh loads on the current one).
+    Optimizer state, step and rng are not read.
+
+    Args:
+      checkpoint_dir: an fft workdir, its `checkpoints/` dir, or one step dir.
+      abstract: nnx.State of ShapeDtypeStructs (e.g. `nnx.state(nnx.eval_shape(build))`).
+      shardings: matching tree of shardings (default: each leaf's own `.sharding`, else
+        replicated on the default device).
+
+    Returns:
+      nnx.State holding only the Variables found in the checkpoint.
+    """
+    step_dir = _resolve_step_dir(checkpoint_dir)
+    state_dir = os.path.join(step_dir, "state")
+    handler = ocp.PyTreeCheckpointHandler()
+    with ocp.Checkpointer(handler) as ckptr:
+        meta = ckptr.metadata(state_dir)
+        tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+        tree = getattr(tree, "tree", tree)
+        saved = {}
+        for part in ("params", "frozen"):
+            for kp, m in jax.tree_util.tree_flatten_with_path(tree.get(part, {}) or {})[0]:
+                key = _path_key(kp)
+                if key.endswith("/value"):
+                    key = key[: -len("/value")]
+                saved[key] = (part, kp, m)
+
+        flat = list(nnx.to_flat_state(abstract))
+        flat_sh = list(nnx.to_flat_state(shardings)) if shardings is not None else None
+        target: dict = {}
+        picked = []
+        for i, (path, var) in enumerate(flat):
+            key = "/".join(str(p) for p in path)
+            if not isinstance(var, nnx.Param):
+                continue  # weights only: rng state and buffers start fresh
+            value = var.get_value()
+            if key not in saved or tuple(getattr(saved[key][2], "shape", ())) != value.shape:
+                continue
+            part, kp, _ = saved[key]
+            sharding = flat_sh[i][1] if flat_sh is not None else getattr(value, "sharding", None)
+            if isinstance(sharding, nnx.Variable):
+                sharding = sharding.get_value()
+            if sharding is None:
+                sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            node = target.setdefault(part, {})
+            names = [str(getattr(k, "key", k)) for k in kp]
+            for n in names[:-1]:
+                node = node.setdefault(n, {})
+            node[names[-1]] = ocp.ArrayRestoreArgs(
+                sharding=sharding, global_shape=value.shape, dtype=value.dtype
+            )
+            picked.append((path, var, part, names))
+        if not picked:
+            raise CheckpointError(
+                f"init_from: the checkpoint {step_dir!r} holds none of the model's weights "
+                "(paths or shapes differ: is it from a different model config?)."
+            )
+        item = jax.tree.map(lambda a: np.zeros((), a.dtype), target)  # structure only
+        restored = ckptr.restore(
+            state_dir,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=target, partial_restore=True),
+        )
+    out = []
+    for path, var, part, names in picked:
+        node = restored[part]
+        for n in names:
+            node = node[n]
+        out.append((path, var.replace(value=node)))
+    log.info("init_from %s: loaded %d of %d variables", step_dir, len(out), len(flat))
+    return nnx.from_flat_state(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption
+# ---------------------------------------------------------------------------------------------
+
+
+class PreemptionGuard:
+    """Turns SIGTERM into a flag the loop checks between steps (then it saves and exits).
+
+    Use as a context manager; the previous handler is restored on exit. With several
+    processes, `should_stop()` agrees across them (any process signalled -> all stop at the
+    same step), so every process joins the final save.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self._signals = signals
+        self._previous = {}
+        self._flag = threading.Event()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self._signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        return False
+
+    def _handle(self, signum, frame):
+        del frame
+        log.warning("received signal %d: saving a checkpoint and stopping.", signum)
+        self._flag.set()
+
+    @property
+    def signalled(self) -> bool:
+        return self._flag.is_set()
+
+    def should_stop(self) -> bool:
+        """True once any process has been signalled (a collective when multi-process)."""
+        if jax.process_count() == 1:
+            return self._flag.is_set()
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self._flag.is_set()]))
+        return bool(np.any(flags))

@@ -1,0 +1,220 @@
+"""Config helpers shared by every method: the base config, presets, validation.
+
+Every method config starts from `base_config()` and adds its own keys below the shared ones.
+No jax import here: configs and `fft.main` flag parsing must stay cheap.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+
+
+class FFTError(Exception):
+    """An error meant for the user: one message naming the bad thing and the fix."""
+
+
+class ConfigError(FFTError):
+    """A config key that does not exist, has the wrong type, or does not fit the machine."""
+
+
+METHODS = ("pretrain", "instruction", "domain", "transfer", "continual", "reward", "rlhf", "dpo")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The keys every method shares (DESIGN.md, "Config keys every method shares")."""
+    c = ml_collections.ConfigDict()
+    c.method = ""  # which fft.methods.<name> runs this config
+    c.init_from = "fft:tiny"  # 'fft:<preset>' | local HF dir | fft workdir/checkpoint | '' (scratch)
+    c.seed = 0  # seeds params, data order and sampling
+    c.steps = 100  # optimizer steps to train
+    c.batch_size = 8  # global batch (rows) per optimizer step, split over data x fsdp
+    c.seq_len = 256  # tokens per row after packing
+
+    # Model: only used when init_from is '' (scratch) or to override a loaded model's options.
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "micro"  # fft.models.presets name used when training from scratch
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.remat = "none"  # rematerialisation: none | full | dots
+    c.model.scan_layers = False  # lax.scan over stacked layers (faster compile for deep models)
+    c.model.attention = "xla"  # xla | cudnn (jax.nn.dot_product_attention, GPU flash attention)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # adamw | adafactor | sgd | lion
+    c.optim.lr = 3e-4  # peak learning rate
+    c.optim.schedule = "warmup_cosine"  # constant | warmup_cosine | wsd | rewarm | linear
+    c.optim.warmup_steps = 10  # linear warmup steps from 0 to lr
+    c.optim.decay_steps = 0  # steps of the decay phase (0 = until the last step)
+    c.optim.min_lr_ratio = 0.1  # final lr as a fraction of peak
+    c.optim.stable_fraction = 0.8  # wsd: fraction of steps at peak lr before the decay
+    c.optim.rewarm_steps = ()  # rewarm: steps at which lr re-warms and re-decays
+    c.optim.weight_decay = 0.0  # decoupled weight decay (not applied to norms, biases)
+    c.optim.clip_norm = 1.0  # global gradient-norm clip (0 = off)
+    c.optim.grad_accum = 1  # microbatches per optimizer step (batch_size must divide)
+    c.optim.b1 = 0.9  # Adam beta1
+    c.optim.b2 = 0.95  # Adam beta2
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.layer_decay = 1.0  # layer-wise lr decay factor (1 = off; transfer learning)
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # LoRA rank (0 = off: train the weights `trainable` selects)
+    c.lora.alpha = 16.0  # LoRA scaling numerator: scale = alpha / rank
+    c.lora.targets = "q,k,v,o,gate,up,down"  # comma list of linear names, or 'all'
+    c.lora.dropout = 0.0  # dropout on the LoRA input
+    c.lora.rslora = False  # rank-stabilised scaling alpha / sqrt(rank)
+
+    c.trainable = ".*"  # regex over param paths ('layers.3.mlp.up.kernel'); others frozen
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # training data: path, glob, dir, 'tfds:name/split' ('' = synthetic)
+    c.data.eval = ""  # eval data, same forms ('' = synthetic held-out split)
+    c.data.format = "text"  # text | instruction | chat | prompt_completion | preference | ...
+    c.data.packing = True  # pack several examples per row (segment ids keep them apart)
+    c.data.on_bad_record = "error"  # error | skip (skips are counted in the metrics)
+    c.data.shuffle = True  # shuffle examples (seeded, resumable)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel size (-1 = all devices left over)
+    c.mesh.fsdp = 1  # fully-sharded data-parallel size (params sharded on 'embed')
+    c.mesh.tensor = 1  # tensor-parallel size (heads / mlp / vocab sharded)
+
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = ()  # (logical, mesh axes) overrides of fft.sharding.DEFAULT_RULES
+
+    c.checkpoint_every = 50  # steps between checkpoints (0 = only at the end)
+    c.keep_checkpoints = 2  # how many checkpoints to keep
+    c.eval_every = 0  # steps between evals (0 = only before and after)
+    c.log_every = 10  # steps between metric lines
+    return c
+
+
+_TYPES = {"steps": int, "batch_size": int, "seq_len": int, "seed": int}
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "model.attention": ("xla", "cudnn"),
+    "optim.name": ("adamw", "adafactor", "sgd", "lion"),
+    "optim.schedule": ("constant", "warmup_cosine", "wsd", "rewarm", "linear"),
+    "data.on_bad_record": ("error", "skip"),
+}
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks values that need no devices; raises ConfigError naming the key and the fix.
+
+    Unknown keys are caught earlier: configs are locked, so `--config.optim.lrr=1` fails in flag
+    parsing (see `check_overrides`). Device-dependent checks (mesh sizes) live in fft.sharding.
+    """
+    if config.get("method") not in METHODS:
+        raise ConfigError(f"config.method={config.get('method')!r} is not one of {METHODS}.")
+    for key, typ in _TYPES.items():
+        value = _get(config, key)
+        low = 0 if key == "seed" else 1
+        if not isinstance(value, typ) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"config.{key}={value!r} must be an int >= {low}.")
+    for key, choices in _CHOICES.items():
+        value = _get(config, key)
+        if value not in choices:
+            raise ConfigError(f"config.{key}={value!r}: choose one of {choices}.")
+    accum = config.optim.grad_accum
+    if accum < 1 or config.batch_size % accum:
+        raise ConfigError(
+            f"config.optim.grad_accum={accum} must be >= 1 and divide "
+            f"config.batch_size={config.batch_size}."
+        )
+    if config.optim.lr <= 0:
+        raise ConfigError(f"config.optim.lr={config.optim.lr} must be > 0.")
+    if config.lora.rank < 0:
+        raise ConfigError(f"config.lora.rank={config.lora.rank} must be >= 0 (0 = LoRA off).")
+    for axis in ("data", "fsdp", "tensor"):
+        size = config.mesh[axis]
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            raise ConfigError(f"config.mesh.{axis}={size!r} must be a positive int or -1 (fill).")
+
+
+def check_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Names an unknown `--config.x.y` override with the closest existing key.
+
+    Args:
+      config: the locked config the overrides apply to.
+      overrides: dotted keys given on the command line (without the `config.` prefix).
+    """
+    known = sorted(flatten(config))
+    for key in overrides:
+        if key not in known and not any(k.startswith(key + ".") for k in known):
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean config.{close[0]}?" if close else ""
+            raise ConfigError(f"Unknown config key config.{key}.{hint}")
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """{'optim.lr': 3e-4, ...} for every leaf of a config."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def smoke(config: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
+    """Shrinks a config for tests and notebooks: micro base, a few steps, tiny batches."""
+    config.init_from = "fft:micro"
+    config.steps = 6
+    config.batch_size = 4
+    config.seq_len = 64
+    config.optim.warmup_steps = 2
+    config.checkpoint_every = 3
+    config.log_every = 2
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+# Base models `fft:<name>` are built by the pretrain method from these settings. They live here
+# (not in configs/) because fft.zoo builds them on first use from any working directory.
+BASE_MODELS = {
+    # name: (model preset, tokenizer vocab, steps, batch, seq_len, lr, general docs)
+    "micro": ("micro", 512, 40, 8, 64, 3e-3, 2_000),
+    "tiny": ("tiny", 4096, 300, 16, 256, 2e-3, 40_000),
+}
+
+
+def pretrain_config(name: str = "tiny") -> ml_collections.ConfigDict:
+    """The config that builds base model `fft:<name>` (pretraining on the general corpus)."""
+    preset, vocab, steps, batch, seq_len, lr, docs = BASE_MODELS[name]
+    c = base_config()
+    c.method = "pretrain"
+    c.init_from = ""  # from scratch
+    c.model.preset = preset
+    c.steps = steps
+    c.batch_size = batch
+    c.seq_len = seq_len
+    c.optim.lr = lr
+    c.optim.warmup_steps = max(steps // 20, 2)
+    c.optim.weight_decay = 0.1
+    c.optim.min_lr_ratio = 0.1
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 1
+    c.log_every = max(steps // 20, 1)
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.vocab_size = vocab  # sentencepiece vocabulary trained on the general corpus
+    c.pretrain.train_docs = docs  # synthetic general documents generated for training
+    c.pretrain.eval_docs = 200  # held-out general documents for perplexity
+    c.pretrain.world_seed = 0  # seed of the synthetic world (shared by every method)
+    return c

@@ -1,0 +1,89 @@
+"""Labelled product reviews with a held-out sentiment lexicon (transfer learning).
+
+The lexicon's sentiment adjectives (generated words such as 'chofurkant') are split per polarity:
+two thirds are used by training reviews, one third ONLY by test reviews. A model trained from
+scratch on the training reviews has never seen the held-out words and is at chance on them. All
+sentiment words, held-out ones included, appear in the general corpus in polarity statements
+("The vanu was chofurkant, and everyone was happy."), so a backbone pretrained on the general
+corpus has learned their polarity and transfers.
+
+A review: a neutral opening, 2-3 sentiment sentences of the dominant polarity, sometimes one
+sentence of the opposite polarity ("The lid was X, but ..."), sometimes a general sentence; the
+label is the dominant polarity. Reviews contain no polarity anchor words ("good", "happy" ...),
+so the label is only in the sentiment adjectives.
+"""
+
+from __future__ import annotations
+
+import random
+
+from ._common import check_split, join_tokens, make_rng
+from .grammar import Grammar
+
+LABEL_NAMES = ("negative", "positive")
+
+OPENINGS = (
+    "i bought this {P} last week .",
+    "we tried the {P} from {PLACE} .",
+    "my friend {NAME} gave me a {P} .",
+    "this is my second {P} .",
+    "i used the {P} for a month .",
+)
+SENTIMENT = (
+    "the {Q} was {W} .",
+    "it felt {W} and {W2} .",
+    "honestly , the {Q} is {W} .",
+    "overall , the {P} is {W} .",
+    "the {A} {Q} seemed {W} to me .",
+    "i found the {P} {W} .",
+)
+CONTRAST = ("the {Q} was {W} , but that was all .", "only the {Q} was {W} .")
+
+
+class Reviews:
+    """Review generator with a train / held-out split of the sentiment lexicon."""
+
+    def __init__(self, grammar: Grammar, seed: int = 0):
+        self.grammar, self.seed = grammar, seed
+        self.train_words, self.heldout_words = {}, {}
+        for pol in LABEL_NAMES:
+            words = list(grammar.lex.sentiment[pol])
+            make_rng(seed, "reviews-split", pol).shuffle(words)
+            cut = len(words) * 2 // 3
+            self.train_words[pol], self.heldout_words[pol] = words[:cut], words[cut:]
+
+    def review(self, rng: random.Random, label: str, words: dict[str, list[str]]) -> str:
+        """One review of polarity `label` using sentiment words from `words[polarity]`."""
+        lex = self.grammar.lex
+        other = LABEL_NAMES[1 - LABEL_NAMES.index(label)]
+        nouns = lex.nouns[:400]
+        slots = dict(P=rng.choice(nouns), PLACE=rng.choice(lex.places), NAME=rng.choice(lex.names))
+        body = [(rng.choice(SENTIMENT), label) for _ in range(rng.randint(2, 3))]
+        if rng.random() < 0.3:
+            body.append((rng.choice(CONTRAST), other))
+        rng.shuffle(body)
+        out = [join_tokens(rng.choice(OPENINGS).format(**slots).split())]
+        for template, pol in body:
+            w = rng.sample(words[pol], 2)
+            text = template.format(
+                W=w[0], W2=w[1], Q=rng.choice(nouns), A=rng.choice(lex.adjectives[:200]), **slots
+            )
+            out.append(join_tokens(text.split()))
+        if rng.random() < 0.3:
+            out.insert(rng.randrange(1, len(out) + 1), self.grammar.sentence(rng, p_polarity=0))
+        return " ".join(out)
+
+    def data(self, split: str, n: int) -> list[dict]:
+        """`n` reviews `{text, label, label_id}` of `split`, labels balanced at random.
+
+        The test split uses only held-out sentiment words, the train split only the others.
+        """
+        check_split(split)
+        rng = make_rng(self.seed, "reviews", split)
+        words = self.train_words if split == "train" else self.heldout_words
+        out = []
+        for _ in range(n):
+            label_id = rng.randrange(len(LABEL_NAMES))
+            label = LABEL_NAMES[label_id]
+            out.append(dict(text=self.review(rng, label, words), label=label, label_id=label_id))
+        return out

@@ -1,0 +1,236 @@
+"""Metric writers (metrics.jsonl + TensorBoard), progress bar, step timer, NaN guard, tables.
+
+Only process 0 writes files; every process may call the writers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from fft.config_lib import FFTError
+
+
+class NonFiniteError(FFTError):
+    """A metric (usually the loss) became NaN or infinite; the run stops naming the step."""
+
+
+def _scalar(v) -> float | None:
+    try:
+        arr = np.asarray(jax.device_get(v))
+    except Exception:  # noqa: BLE001 - non-numeric metric values are skipped, not fatal
+        return None
+    if arr.size != 1 or not np.issubdtype(arr.dtype, np.number):
+        return None
+    return float(arr.reshape(()))
+
+
+def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Host floats for every scalar metric (one device_get for the whole dict)."""
+    host = jax.device_get(dict(metrics))
+    out = {}
+    for k, v in host.items():
+        f = _scalar(v)
+        if f is not None:
+            out[k] = f
+    return out
+
+
+def check_finite(metrics: Mapping[str, Any], step: int) -> None:
+    """Raises NonFiniteError naming the step and the metric when one is NaN or infinite."""
+    for name, value in to_floats(metrics).items():
+        if not math.isfinite(value):
+            raise NonFiniteError(
+                f"step {step}: metric {name!r} is {value} (non-finite). Lower optim.lr, set "
+                "optim.clip_norm, or check the data around this step; the last checkpoint "
+                "holds the state before it."
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers
+# ---------------------------------------------------------------------------------------------
+
+
+class _TBWriter:
+    """Scalar summaries as TensorBoard event files (tensorboardX if present, else tensorboard)."""
+
+    def __init__(self, logdir: str):
+        self._impl = None
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._impl = ("x", SummaryWriter(logdir))
+            return
+        except ImportError:
+            pass
+        try:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            self._impl = ("tb", EventFileWriter(logdir))
+            self._pb = (event_pb2, summary_pb2)
+        except ImportError:
+            logging.warning("metrics: no tensorboardX/tensorboard; TensorBoard events are off.")
+
+    def write(self, step: int, split: str, values: Mapping[str, float], wall: float):
+        if self._impl is None:
+            return
+        kind, w = self._impl
+        if kind == "x":
+            for k, v in values.items():
+                w.add_scalar(f"{split}/{k}", v, step, walltime=wall)
+            return
+        event_pb2, summary_pb2 = self._pb
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=f"{split}/{k}", simple_value=v)
+                   for k, v in values.items()]
+        )  # fmt: skip
+        w.add_event(event_pb2.Event(summary=summary, step=int(step), wall_time=wall))
+
+    def flush(self):
+        if self._impl is not None:
+            self._impl[1].flush()
+
+    def close(self):
+        if self._impl is not None:
+            self._impl[1].close()
+            self._impl = None
+
+
+class MetricWriter:
+    """Writes `WORKDIR/metrics.jsonl` lines and TensorBoard events under `WORKDIR/tb/`.
+
+    Each line: `{"step": int, "split": str, "time": unix, <metric>: float, ...}`.
+    """
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True):
+        self.active = jax.process_index() == 0
+        self._jsonl = None
+        self._tb = None
+        if self.active:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            if tensorboard:
+                self._tb = _TBWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> dict:
+        """Writes one line; returns the host float values written."""
+        values = to_floats(metrics)
+        if not self.active:
+            return values
+        now = time.time()
+        line = {"step": int(step), "split": split, "time": now, **values}
+        self._jsonl.write(json.dumps(line) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.write(step, split, values, now)
+        return values
+
+    def flush(self):
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self):
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress and timing
+# ---------------------------------------------------------------------------------------------
+
+
+class StepTimer:
+    """Wall time and throughput between `lap` calls (first lap excludes compile via `reset`)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self._t0 = time.perf_counter()
+        self._steps = 0
+        self._tokens = 0
+
+    def tick(self, tokens: int = 0):
+        """Counts one step (and its tokens)."""
+        self._steps += 1
+        self._tokens += tokens
+
+    def lap(self) -> dict[str, float]:
+        """Returns {'steps_per_s', 'tokens_per_s', 'step_s'} since the last lap, and resets."""
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        out = {
+            "steps_per_s": self._steps / dt,
+            "tokens_per_s": self._tokens / dt,
+            "step_s": dt / max(self._steps, 1),
+        }
+        self.reset()
+        return out
+
+
+class ProgressBar:
+    """A tqdm bar over steps showing loss and tokens/s (silent on processes other than 0)."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train"):
+        self._bar = None
+        if jax.process_index() == 0:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+    def update(self, n: int = 1, **postfix):
+        if self._bar is None:
+            return
+        self._bar.update(n)
+        if postfix:
+            self._bar.set_postfix(
+                {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                refresh=False,
+            )
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.4g}"
+    return str(v)
+
+
+def format_table(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """A plain-text table: metric | before | after | change, one row per metric."""
+    names = list(dict.fromkeys([*before.keys(), *after.keys()]))
+    rows = [("metric", "before", "after", "change")]
+    for name in names:
+        b, a = before.get(name), after.get(name)
+        change = "-"
+        if isinstance(b, int | float) and isinstance(a, int | float):
+            change = f"{a - b:+.4f}"
+        rows.append((name, _fmt(b), _fmt(a), change))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""ModelConfig: one frozen, JSON-able description of a decoder (or encoder) model.
+
+Every model family (Llama, Mistral, Qwen2, Gemma, Gemma2, GPT-2, BERT) is a setting of these
+fields; `family` is informational only, the code branches on the individual switches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from fft.config_lib import ConfigError
+
+_CHOICES = {
+    "norm": ("rms", "layer"),
+    "pos": ("rope", "learned", "none"),
+    "mlp": ("swiglu", "geglu", "gelu"),
+    "act": ("silu", "gelu", "gelu_tanh", "relu"),
+    "remat": ("none", "full", "dots"),
+    "attention": ("xla", "cudnn"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "param_dtype": ("float32", "bfloat16", "float16"),
+}
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of a transformer. See docs/architecture.md for what each field means."""
+
+    family: str = "llama"  # informational: llama|mistral|qwen2|gemma|gemma2|gpt2|bert
+    vocab_size: int  # rows of the embedding table
+    d_model: int  # width of the residual stream
+    n_layers: int  # number of transformer blocks
+    n_heads: int  # query heads
+    n_kv_heads: int | None = None  # key/value heads (GQA/MQA); None = n_heads
+    head_dim: int | None = None  # per-head width; None = d_model // n_heads
+    d_ff: int  # hidden width of the MLP
+    max_seq_len: int = 2048  # rows of the learned position table (pos='learned')
+    norm: str = "rms"  # 'rms' | 'layer'
+    norm_eps: float = 1e-6  # epsilon inside the norm
+    norm_offset: float = 0.0  # gemma: 1.0, the scale is stored as w and applied as (1 + w)
+    norm_bias: bool = True  # layer norm has a bias (ignored for rms)
+    pos: str = "rope"  # 'rope' | 'learned' | 'none'
+    rope_theta: float = 10000.0  # rotary base
+    rope_scaling: dict | None = None  # HF style: {'rope_type': 'linear'|'llama3', 'factor': ...}
+    mlp: str = "swiglu"  # 'swiglu' | 'geglu' (gated, activation = act) | 'gelu' (plain, act)
+    act: str = "silu"  # activation of the MLP
+    qkv_bias: bool = False  # bias on q/k/v projections (qwen2, gpt2)
+    o_bias: bool = False  # bias on the attention output projection (gpt2)
+    mlp_bias: bool = False  # bias on the MLP projections (gpt2)
+    tie_embeddings: bool = False  # unembed with the embedding table
+    embed_scale: bool = False  # gemma: multiply embeddings by sqrt(d_model)
+    logit_softcap: float = 0.0  # 0 = off; logits = c * tanh(logits / c)
+    attn_softcap: float = 0.0  # 0 = off; scores = c * tanh(scores / c)
+    query_scale: float | None = None  # None = head_dim ** -0.5
+    sliding_window: int = 0  # 0 = none; else a query sees the last `sliding_window` tokens
+    sliding_window_pattern: int = 1  # 1 = every layer local; k = every k-th layer global
+    post_norms: bool = False  # gemma2: extra norms after attention and MLP
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # storage dtype of the parameters
+    remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs)
+    scan_layers: bool = False  # stack the blocks' params on a 'layers' axis, lax.scan over them
+    attention: str = "xla"  # 'xla' | 'cudnn' (jax.nn.dot_product_attention, GPU)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.d_model // max(self.n_heads, 1))
+        for key, choices in _CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ConfigError(
+                    f"ModelConfig.{key}={getattr(self, key)!r} is not one of {choices}."
+                )
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
+            if int(getattr(self, key)) <= 0:
+                raise ConfigError(f"ModelConfig.{key} must be positive, got {getattr(self, key)}.")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"ModelConfig.n_heads={self.n_heads} is not a multiple of "
+                f"n_kv_heads={self.n_kv_heads}."
+            )
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for rope.")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in _ROPE_TYPES:
+                raise ConfigError(
+                    f"ModelConfig.rope_scaling type {kind!r} is not supported; use one of "
+                    f"{_ROPE_TYPES}."
+                )
+        if self.sliding_window_pattern < 1:
+            raise ConfigError("ModelConfig.sliding_window_pattern must be >= 1.")
+
+    def __hash__(self):
+        # rope_scaling is a dict; hash the JSON form so a config can be static in a jit/graphdef.
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict; `from_dict(to_dict())` round-trips."""
+        d = dataclasses.asdict(self)
+        if d["rope_scaling"] is not None:
+            d["rope_scaling"] = dict(d["rope_scaling"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Builds a config from a dict; unknown keys raise ConfigError naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"Unknown ModelConfig keys {unknown}; known keys: {sorted(names)}.")
+        return cls(**d)
+
+    def replace(self, **kw) -> ModelConfig:
+        """A copy with some fields changed (unknown fields raise ConfigError)."""
+        d = self.to_dict()
+        d.update(kw)
+        return ModelConfig.from_dict(d)
+
+    def is_local_layer(self, i: int) -> bool:
+        """Whether layer `i` uses the sliding window (HF `sliding_window_pattern` convention)."""
+        if not self.sliding_window:
+            return False
+        p = self.sliding_window_pattern
+        return p == 1 or (i + 1) % p != 0

@@ -1,0 +1,389 @@
+"""Building blocks of the transformers: Linear, norms, rotary, attention (+ KV cache), MLP, Embed.
+
+Every parameter names its logical axes (`sharding_names`); every activation passes through
+`fft.sharding.constrain`, a no-op unless a mesh is active. Params are stored in `param_dtype`
+and cast to the compute `dtype` at use; norms, softmax and logits are computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fft import sharding
+from fft.config_lib import ConfigError
+from fft.models.config import ModelConfig
+
+# An additive mask value: finite so that a fully masked row (a left-pad query) gives a uniform
+# softmax instead of NaN, and large enough that exp() of it is exactly 0.
+NEG_INF = -1e30
+
+BTD = ("batch", "length", "act_embed")
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def activation(name: str):
+    """The MLP activation function of a config name."""
+    return {
+        "silu": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+    }[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear (with optional LoRA) and Embed
+# ---------------------------------------------------------------------------------------------
+
+
+class Linear(nnx.Module):
+    """y[..., out...] = x[..., in...] . kernel[in..., out...] (+ bias[out...]).
+
+    When `fft.models.lora.apply_lora` has attached `lora_a [in..., r]` and `lora_b [r, out...]`
+    (LoRAParam), adds `(x . a) . b * lora_scale` unless `lora_enabled` is False.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        *,
+        names: Sequence[str | None],
+        use_bias: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        init_std: float | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.in_shape = tuple(int(d) for d in in_shape)
+        self.out_shape = tuple(int(d) for d in out_shape)
+        self.names = tuple(names)
+        self.dtype = jnp.dtype(dtype)
+        std = math.prod(self.in_shape) ** -0.5 if init_std is None else init_std
+        shape = self.in_shape + self.out_shape
+        w = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32) * std
+        self.kernel = nnx.Param(w.astype(param_dtype), out_sharding=self.names)
+        if use_bias:
+            b = jnp.zeros(self.out_shape, param_dtype)
+            self.bias = nnx.Param(b, out_sharding=self.names[len(self.in_shape) :])
+        else:
+            self.bias = None
+        self.lora_scale = 0.0
+        self.lora_enabled = True
+
+    def has_lora(self) -> bool:
+        return hasattr(self, "lora_a") and self.lora_enabled
+
+    def __call__(self, x):
+        n_in = len(self.in_shape)
+        x = x.astype(self.dtype)
+        y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=n_in)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.has_lora():
+            if hasattr(self, "lora_dropout"):
+                x = self.lora_dropout(x)
+            xa = jnp.tensordot(x, self.lora_a[...].astype(self.dtype), axes=n_in)
+            y = y + jnp.tensordot(xa, self.lora_b[...].astype(self.dtype), axes=1) * jnp.asarray(
+                self.lora_scale, self.dtype
+            )
+        return y
+
+
+class Embed(nnx.Module):
+    """A lookup table `embedding [num, dim]`; `attend` multiplies by its transpose (tied head)."""
+
+    def __init__(
+        self,
+        num: int,
+        dim: int,
+        *,
+        names=("vocab", "embed"),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        init_std: float = 0.02,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = jnp.dtype(dtype)
+        w = jax.random.normal(rngs.params(), (num, dim), jnp.float32) * init_std
+        self.embedding = nnx.Param(w.astype(param_dtype), out_sharding=tuple(names))
+
+    def __call__(self, ids):
+        # jnp.take (a gather) beats a one-hot matmul on CPU (BENCHMARKS.md: +9%).
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x_btd):
+        return jnp.einsum("btd,vd->btv", x_btd.astype(self.dtype), self.embedding[...].astype(self.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * (offset + scale); gemma stores scale as w with offset 1."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, offset: float = 0.0, param_dtype=jnp.float32):
+        self.eps = float(eps)
+        self.offset = float(offset)
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """(x - mean) / std * (offset + scale) + bias."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-5,
+        offset: float = 0.0,
+        use_bias: bool = True,
+        param_dtype=jnp.float32,
+    ):
+        self.eps = float(eps)
+        self.offset = float(offset)
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, param_dtype), out_sharding=("norm",))
+        self.bias = (
+            nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("norm",)) if use_bias else None
+        )
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * (self.offset + self.scale[...].astype(jnp.float32))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None):
+    """The norm a config asks for."""
+    dim = cfg.d_model if dim is None else dim
+    pdt = dtype_of(cfg.param_dtype)
+    if cfg.norm == "rms":
+        return RMSNorm(dim, eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=pdt)
+    return LayerNorm(
+        dim, eps=cfg.norm_eps, offset=cfg.norm_offset, use_bias=cfg.norm_bias, param_dtype=pdt
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (HF "rotate_half" convention)
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """Inverse frequencies [head_dim/2] (float32), with HF `linear` or `llama3` rope_scaling."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    kind = "default" if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        pass
+    elif kind == "linear":
+        inv = inv / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    else:
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported (linear, llama3).")
+    return inv.astype(np.float32)
+
+
+def rope_cos_sin(positions_bt, inv_freq) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [B, T, 1, Dh/2] (float32), broadcast over heads."""
+    ang = positions_bt.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
+    return jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+
+
+def apply_rope(x_btnh, cos, sin):
+    """Rotates the two halves of the head dim (HF `rotate_half`), in float32."""
+    xf = x_btnh.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_btnh.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped KV heads (GQA/MQA), rotary, softcap, KV cache.
+
+    The mask arrives as an additive float32 bias `[B, 1, 1, T, S]` built once per forward by the
+    transformer (causal, segment ids, sliding window); adding it beats a `where` on CPU.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, k, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
+        self.q = Linear((d,), (h, dh), names=("embed", "heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
+        self.k = Linear((d,), (k, dh), names=("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
+        self.v = Linear((d,), (k, dh), names=("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
+        self.o = Linear((h, dh), (d,), names=("heads", "head_dim", "embed"), use_bias=cfg.o_bias, **kw)
+        self.n_heads, self.n_kv_heads, self.head_dim = h, k, dh
+        self.scale = float(cfg.query_scale if cfg.query_scale is not None else dh**-0.5)
+        self.softcap = float(cfg.attn_softcap)
+        self.use_rope = cfg.pos == "rope"
+        self.impl = cfg.attention
+        self.dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, x_btd, cos, sin, bias, kv=None, index=None):
+        """Attends `x` to itself, or (with `kv`) to the KV cache after writing x's keys/values.
+
+        Args:
+          x_btd: normalized input.
+          cos, sin: rotary tables `[B, T, 1, Dh/2]` (ignored without rope).
+          bias: additive mask `[B, 1, 1, T, S]` (S = T without cache, = cache length with it).
+          kv: optional `(k_bksh, v_bksh)` cache of this layer.
+          index: int32 scalar, slot of the first of the T new tokens in the cache.
+
+        Returns:
+          (out_btd, new kv or None)
+        """
+        b, t, _ = x_btd.shape
+        g = self.n_heads // self.n_kv_heads
+        q_btnh = sharding.constrain(self.q(x_btd), ("batch", "length", "act_heads", None))
+        k_btkh = sharding.constrain(self.k(x_btd), ("batch", "length", "act_kv_heads", None))
+        v_btkh = sharding.constrain(self.v(x_btd), ("batch", "length", "act_kv_heads", None))
+        if self.use_rope:
+            q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
+        q_btnh = q_btnh * jnp.asarray(self.scale, q_btnh.dtype)
+
+        if kv is not None:
+            k_cache, v_cache = kv
+            start = (0, 0, index, 0)
+            k_bksh = jax.lax.dynamic_update_slice(k_cache, k_btkh.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
+            v_bksh = jax.lax.dynamic_update_slice(v_cache, v_btkh.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
+            out_btnh = self._attend_cache(q_btnh, k_bksh, v_bksh, bias)
+            new_kv = (k_bksh, v_bksh)
+        elif self.impl == "cudnn" and not self.softcap:
+            out_btnh = self._attend_dpa(q_btnh, k_btkh, v_btkh, bias)
+            new_kv = None
+        else:
+            q_btkgh = q_btnh.reshape(b, t, self.n_kv_heads, g, self.head_dim)
+            s_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh, preferred_element_type=jnp.float32)
+            p_bkgts = self._probs(s_bkgts, bias[:, :, :, :, :]).astype(v_btkh.dtype)
+            out = jnp.einsum("bkgts,bskh->btkgh", p_bkgts, v_btkh)
+            out_btnh = out.reshape(b, t, self.n_heads, self.head_dim)
+            new_kv = None
+        out_btnh = sharding.constrain(out_btnh, ("batch", "length", "act_heads", None))
+        return self.o(out_btnh), new_kv
+
+    def _probs(self, scores, bias):
+        if self.softcap:
+            scores = jnp.tanh(scores / self.softcap) * self.softcap
+        return jax.nn.softmax(scores + bias, axis=-1)
+
+    def _attend_cache(self, q_btnh, k_bksh, v_bksh, bias):
+        b, t = q_btnh.shape[:2]
+        g = self.n_heads // self.n_kv_heads
+        if t == 1:
+            # Decode: the length-1 query axis squeezed out makes the score dot a plain batched
+            # matvec over the [B,K,S,Dh] cache (BENCHMARKS.md: 140 us instead of 530 us).
+            q_bkgh = q_btnh.reshape(b, self.n_kv_heads, g, self.head_dim)
+            s_bkgs = jnp.einsum("bkgh,bksh->bkgs", q_bkgh.astype(k_bksh.dtype), k_bksh, preferred_element_type=jnp.float32)
+            p_bkgs = self._probs(s_bkgs, bias[:, :, :, 0, :]).astype(v_bksh.dtype)
+            out = jnp.einsum("bkgs,bksh->bkgh", p_bkgs, v_bksh)
+            return out.reshape(b, 1, self.n_heads, self.head_dim).astype(self.dtype)
+        q_btkgh = q_btnh.reshape(b, t, self.n_kv_heads, g, self.head_dim)
+        s_bkgts = jnp.einsum("btkgh,bksh->bkgts", q_btkgh.astype(k_bksh.dtype), k_bksh, preferred_element_type=jnp.float32)
+        p_bkgts = self._probs(s_bkgts, bias).astype(v_bksh.dtype)
+        out = jnp.einsum("bkgts,bksh->btkgh", p_bkgts, v_bksh)
+        return out.reshape(b, t, self.n_heads, self.head_dim).astype(self.dtype)
+
+    def _attend_dpa(self, q_btnh, k_btkh, v_btkh, bias):
+        # jax.nn.dot_product_attention takes grouped KV heads directly; cuDNN needs a GPU and a
+        # 16-bit dtype, elsewhere the same call runs XLA's implementation.
+        on_gpu = jax.default_backend() == "gpu" and self.dtype in (jnp.bfloat16, jnp.float16)
+        mask = bias[:, 0] > NEG_INF / 2  # [B, 1, T, S]
+        return jax.nn.dot_product_attention(
+            q_btnh,
+            k_btkh,
+            v_btkh,
+            mask=mask,
+            scale=1.0,  # q is already scaled
+            implementation="cudnn" if on_gpu else None,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP
+# ---------------------------------------------------------------------------------------------
+
+
+class MLP(nnx.Module):
+    """Gated (`swiglu`/`geglu`: act(gate(x)) * up(x)) or plain (`gelu`: act(up(x))) MLP."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        kw = dict(
+            dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), use_bias=cfg.mlp_bias, rngs=rngs
+        )
+        self.gated = cfg.mlp in ("swiglu", "geglu")
+        if self.gated:
+            self.gate = Linear((d,), (f,), names=("embed", "mlp"), **kw)
+        self.up = Linear((d,), (f,), names=("embed", "mlp"), **kw)
+        self.down = Linear((f,), (d,), names=("mlp", "embed"), **kw)
+        self.act = cfg.act
+
+    def __call__(self, x_btd):
+        act = activation(self.act)
+        h_btf = act(self.gate(x_btd)) * self.up(x_btd) if self.gated else act(self.up(x_btd))
+        h_btf = sharding.constrain(h_btf, ("batch", "length", "act_mlp"))
+        return self.down(h_btf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_bias(segment_ids_bt, window: int = 0):
+    """Additive mask [B,1,1,T,T]: causal, equal nonzero segment ids, optional sliding window."""
+    t = segment_ids_bt.shape[1]
+    idx = jnp.arange(t)
+    ok = idx[:, None] >= idx[None, :]
+    if window:
+        ok = ok & (idx[:, None] - idx[None, :] < window)
+    seg = segment_ids_bt
+    ok = ok[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+    return jnp.where(ok, 0.0, NEG_INF).astype(jnp.float32)[:, None, None]
+
+
+def cache_bias(valid_bs, index, t: int, window: int = 0):
+    """Additive mask [B,1,1,T,S] for T queries at cache slots index..index+T-1."""
+    s = valid_bs.shape[1]
+    slots = jnp.arange(s)
+    q_slots = index + jnp.arange(t)
+    ok = slots[None, :] <= q_slots[:, None]
+    if window:
+        ok = ok & (q_slots[:, None] - slots[None, :] < window)
+    ok = ok[None] & valid_bs[:, None, :]
+    return jnp.where(ok, 0.0, NEG_INF).astype(jnp.float32)[:, None, None]

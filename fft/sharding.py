@@ -1,0 +1,333 @@
+"""Meshes, logical-axis rules, shardings for pytrees, batch placement.
+
+Model code names *logical* axes (`('embed', 'mlp')` on a kernel, `('batch', 'length',
+'act_embed')` on an activation); only the rules here (from `config.sharding.rules`) map them to
+the mesh axes `('data', 'fsdp', 'tensor')`. Data parallel, FSDP and tensor parallel are therefore
+config changes: `mesh.data=8`, `mesh.fsdp=8`, `mesh.tensor=4`, or any product of them.
+
+Rules are a sequence of `(logical_name, mesh_axis)` pairs (or a mapping) where `mesh_axis` is a
+mesh axis name, a tuple of them, or None (replicated). Names without a rule are replicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from fft.config_lib import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# The documented default (docs/architecture.md). `norm`, `head_dim`, `layers`, `length` and
+# `act_embed` stay replicated: sharding them costs more communication than it saves.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+Rules = Sequence[tuple[str, Any]] | Mapping[str, Any]
+
+# ---------------------------------------------------------------------------------------------
+# Mesh
+# ---------------------------------------------------------------------------------------------
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """Builds the `('data', 'fsdp', 'tensor')` mesh.
+
+    Args:
+      data, fsdp, tensor: axis sizes; at most one may be -1, meaning "all remaining devices".
+      devices: the devices to use (default: `jax.devices()`, every device of every process).
+
+    Returns:
+      A `jax.sharding.Mesh` with Auto axis types (GSPMD propagates shardings between the
+      constraints we place).
+
+    Raises:
+      ConfigError: when the sizes do not multiply to the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = [int(data), int(fsdp), int(tensor)]
+    if sizes.count(-1) > 1:
+        raise ConfigError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}.")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh: sizes must be positive or -1, got data/fsdp/tensor={sizes}.")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n % fixed:
+            raise ConfigError(
+                f"mesh: data/fsdp/tensor={sizes} — the fixed sizes (product {fixed}) do not "
+                f"divide the {n} devices. Set config.mesh.* so that they do."
+            )
+        sizes[sizes.index(-1)] = n // fixed
+    if math.prod(sizes) != n:
+        raise ConfigError(
+            f"mesh: data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)}, but "
+            f"there are {n} devices. Set config.mesh.* so that the product is {n} "
+            "(use -1 for one axis to fill the rest)."
+        )
+    return jax.make_mesh(
+        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
+    )
+
+
+def mesh_from_config(mesh_cfg) -> Mesh:
+    """`make_mesh` from a `config.mesh` ConfigDict / dict with keys data, fsdp, tensor."""
+    get = mesh_cfg.get if hasattr(mesh_cfg, "get") else lambda k, d: getattr(mesh_cfg, k, d)
+    return make_mesh(data=get("data", -1), fsdp=get("fsdp", 1), tensor=get("tensor", 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logical axes -> PartitionSpec
+# ---------------------------------------------------------------------------------------------
+
+
+def _rules_dict(rules: Rules | None) -> dict[str, Any]:
+    if rules is None:
+        rules = DEFAULT_RULES
+    items = rules.items() if isinstance(rules, Mapping) else rules
+    out = {}
+    for item in items:
+        try:
+            name, axis = item
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"sharding.rules: each rule must be a (logical_name, mesh_axis) pair, got {item!r}."
+            ) from None
+        if isinstance(axis, list):
+            axis = tuple(axis)
+        for a in axis if isinstance(axis, tuple) else (axis,):
+            if a is not None and a not in MESH_AXES:
+                raise ConfigError(
+                    f"sharding.rules: rule {name!r} -> {axis!r} names an unknown mesh axis "
+                    f"{a!r}; mesh axes are {MESH_AXES}."
+                )
+        out.setdefault(name, axis)  # first rule for a name wins (flax convention)
+    return out
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None, rules: Rules | None = None):
+    """Maps logical axis names to a PartitionSpec of mesh axes.
+
+    A mesh axis is used at most once per spec: a later logical axis that maps to an axis already
+    used is left unsharded there (e.g. `('embed', 'embed')` -> `P('fsdp', None)`).
+
+    Args:
+      logical_axes: one name (or None) per array dimension; None -> fully replicated.
+      rules: `(logical, mesh_axis)` pairs or a mapping; default `DEFAULT_RULES`.
+
+    Returns:
+      A `jax.sharding.PartitionSpec`.
+    """
+    if logical_axes is None:
+        return PartitionSpec()
+    table = _rules_dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name in logical_axes:
+        axis = table.get(name) if name is not None else None
+        axes = axis if isinstance(axis, tuple) else (axis,) if axis is not None else ()
+        axes = tuple(a for a in axes if a not in used)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes from dims they do not divide (those dims stay replicated instead).
+
+    Why: e.g. 2 kv heads on tensor=4, or a vocab of 50257 on tensor=2 — replicating that one
+    dim is correct and cheap, where an uneven sharding is an XLA error.
+    """
+    out = []
+    for i, dim in enumerate(shape):
+        entry = spec[i] if i < len(spec) else None
+        axes = entry if isinstance(entry, tuple) else (entry,) if entry is not None else ()
+        kept = []
+        for a in axes:
+            if dim % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
+                kept.append(a)
+        if len(kept) != len(axes):
+            logging.debug("sharding: dim %d of shape %s does not divide %s", i, shape, axes)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def named_sharding(mesh: Mesh, logical_axes, shape=None, rules: Rules | None = None):
+    """NamedSharding for logical axes; with `shape`, non-dividing axes are dropped."""
+    spec = logical_to_spec(logical_axes, rules)
+    if shape is not None:
+        spec = _fit_spec(spec, shape, mesh)
+    return NamedSharding(mesh, spec)
+
+
+def rules_from_config(overrides: Rules | None = None) -> tuple[tuple[str, Any], ...]:
+    """`config.sharding.rules` (overrides, first match wins) followed by `DEFAULT_RULES`."""
+    items = list(overrides.items() if isinstance(overrides, Mapping) else overrides or ())
+    merged = tuple(tuple(x) for x in items) + DEFAULT_RULES
+    _rules_dict(merged)  # validates, naming a bad rule
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# The active (mesh, rules) context used by model code
+# ---------------------------------------------------------------------------------------------
+
+_CONTEXT = threading.local()
+
+
+def current() -> tuple[Mesh, dict] | None:
+    """The `(mesh, rules)` installed by the innermost `use_mesh`, or None."""
+    stack = getattr(_CONTEXT, "stack", None)
+    return stack[-1] if stack else None
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
+    """Makes `constrain` active: activations get sharding constraints from `rules` on `mesh`.
+
+    Constraints are baked in when a jitted function is *traced*, so trace (first call) inside
+    this context.
+    """
+    stack = getattr(_CONTEXT, "stack", None)
+    if stack is None:
+        stack = _CONTEXT.stack = []
+    stack.append((mesh, _rules_dict(rules)))
+    try:
+        yield mesh
+    finally:
+        stack.pop()
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint(x, rules(logical_axes))` inside `use_mesh`; else returns `x`."""
+    ctx = current()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    spec = _fit_spec(logical_to_spec(logical_axes, rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shardings for state pytrees
+# ---------------------------------------------------------------------------------------------
+
+
+def _logical_names(variable: nnx.Variable):
+    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        names = meta.get(key)
+        if names is not None:
+            return tuple(names)
+    return None
+
+
+def state_shardings(tree, mesh: Mesh, rules: Rules | None = None):
+    """NamedShardings for an (abstract) nnx.State or any pytree holding nnx Variables.
+
+    Variables carry logical names in their metadata (`nnx.Param(v, sharding_names=...)`, stored
+    as `out_sharding`); those map through `rules`. Plain leaves (optimizer counters, rng keys)
+    and Variables without names are replicated. Axes that do not divide a dim are dropped.
+
+    Args:
+      tree: an nnx.State / pytree of Variables whose values have `.shape` (arrays or
+        ShapeDtypeStructs), e.g. from `nnx.eval_shape` or `jax.eval_shape`.
+      mesh: the mesh.
+      rules: logical-axis rules.
+
+    Returns:
+      A pytree of the same structure with `NamedSharding` leaves (usable as jit shardings).
+    """
+    rules = _rules_dict(rules)
+
+    def leaf_sharding(x, names=None):
+        shape = getattr(x, "shape", ())
+        spec = _fit_spec(logical_to_spec(names, rules), shape, mesh) if names else PartitionSpec()
+        return NamedSharding(mesh, spec)
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            names = _logical_names(x)
+            return x.replace(value=leaf_sharding(x.get_value(), names))
+        return leaf_sharding(x)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def with_shardings(abstract_tree, shardings):
+    """Attaches shardings to an abstract (ShapeDtypeStruct) tree, for orbax restore targets."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Batch dim split over `('data', 'fsdp')`; the other `ndim - 1` dims replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    """Raises ConfigError unless the global batch splits evenly over data*fsdp and processes."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards:
+        raise ConfigError(
+            f"batch_size={batch_size} does not divide over mesh.data*mesh.fsdp = {shards} "
+            f"devices. Use a batch_size that is a multiple of {shards}, or change config.mesh."
+        )
+    if batch_size % jax.process_count():
+        raise ConfigError(
+            f"batch_size={batch_size} does not divide over {jax.process_count()} processes."
+        )
+
+
+def put_batch(batch_np: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places this process's slice of a batch on the mesh as global arrays.
+
+    Each process passes only its own rows (`global_batch // process_count`); the global shape
+    is the concatenation over processes. On one process this is a plain sharded `device_put`.
+
+    Args:
+      batch_np: dict of numpy arrays with the (process-local) batch as the leading dim.
+      mesh: the mesh.
+
+    Returns:
+      dict of global `jax.Array`s, batch dim sharded over `('data', 'fsdp')`.
+    """
+    out = {}
+    for key, value in batch_np.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            raise ConfigError(f"batch field {key!r} is a scalar; every field needs a batch dim.")
+        global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+        sharding = batch_sharding(mesh, value.ndim)
+        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out

@@ -1,0 +1,72 @@
+"""Named base models: `fft:<name>` resolves to a cached fft workdir, built on first use.
+
+`fft:tiny` is a small decoder pretrained on the synthetic world's general corpus by
+`fft.methods.pretrain`; `fft:micro` is the same recipe shrunk to build in seconds (tests, smoke
+configs). Both are deterministic, so every machine builds the same weights. The cache lives under
+`$FFT_CACHE` (default `~/.cache/fft`); a build goes to a temporary directory and is renamed into
+place when complete, so an interrupted build never leaves a half model that later runs would load.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+
+from absl import logging
+
+from fft import config_lib
+
+# Bump when the recipe changes, so stale caches are rebuilt rather than silently reused.
+RECIPE_VERSION = "v1"
+
+
+def cache_dir() -> str:
+    """Root of fft's cache ($FFT_CACHE or ~/.cache/fft)."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("FFT_CACHE", "~/.cache/fft")))
+
+
+def resolve(source: str) -> str:
+    """Turns `fft:<name>` into a local workdir path (building it if needed); other values pass.
+
+    Args:
+      source: '' (scratch), 'fft:<name>', or a local path.
+
+    Returns:
+      '' or an absolute local path.
+    """
+    if not source:
+        return ""
+    if not source.startswith("fft:"):
+        path = os.path.abspath(os.path.expanduser(source))
+        if not os.path.exists(path):
+            raise config_lib.ConfigError(
+                f"config.init_from={source!r}: no such file or directory. Give a local HF model "
+                "directory, an fft workdir, or a preset such as 'fft:tiny'."
+            )
+        return path
+    name = source[len("fft:") :]
+    from fft.methods import pretrain
+
+    if name not in pretrain.BASE_MODELS:
+        raise config_lib.ConfigError(
+            f"config.init_from={source!r}: unknown preset; known: "
+            + ", ".join(f"fft:{n}" for n in pretrain.BASE_MODELS)
+        )
+    target = os.path.join(cache_dir(), f"{name}-{RECIPE_VERSION}")
+    if os.path.exists(os.path.join(target, "results.json")):
+        return target
+    os.makedirs(cache_dir(), exist_ok=True)
+    # One builder at a time: a second process waits for the first instead of building twice.
+    with open(os.path.join(cache_dir(), f".{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(os.path.join(target, "results.json")):
+            return target
+        tmp = target + ".building"
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        logging.info("Building fft:%s into %s (first use; cached afterwards).", name, target)
+        print(f"fft: building base model fft:{name} (first use, cached in {target}) ...")
+        pretrain.build(name, tmp)
+        os.replace(tmp, target)
+    return target

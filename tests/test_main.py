@@ -1,0 +1,77 @@
+"""The command line: config errors are one clear message; the smoke run trains and resumes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fft import config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, env_extra=None, timeout=600):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "fft.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_unknown_override_key_is_named(tmp_path):
+    r = run_cli("--config=configs/pretrain.py:smoke", f"--workdir={tmp_path}", "--config.optim.lrr=1")
+    assert r.returncode != 0
+    assert "config.optim.lrr" in r.stderr and "config.optim.lr" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_config_file_is_named(tmp_path):
+    r = run_cli("--config=configs/nope.py", f"--workdir={tmp_path}", "--config.steps=2")
+    assert r.returncode != 0 and "configs/nope.py" in r.stderr
+
+
+def test_validation_names_the_key():
+    c = config_lib.pretrain_config("micro")
+    c.optim.grad_accum = 3
+    with pytest.raises(config_lib.ConfigError, match="grad_accum"):
+        config_lib.validate(c)
+    c = config_lib.pretrain_config("micro")
+    c.model.dtype = "float16"
+    with pytest.raises(config_lib.ConfigError, match="model.dtype"):
+        config_lib.validate(c)
+
+
+def test_mesh_that_does_not_divide_devices(tmp_path):
+    r = run_cli(
+        "--config=configs/pretrain.py:smoke",
+        f"--workdir={tmp_path}",
+        "--config.mesh.data=3",
+        env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "mesh" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pretrain_smoke_trains_and_resumes(tmp_path):
+    workdir = tmp_path / "w"
+    r = run_cli("--config=configs/pretrain.py:smoke", f"--workdir={workdir}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["method"] == "pretrain"
+    assert results["after"]["loss"] < results["before"]["loss"]
+    assert (workdir / "metrics.jsonl").exists()
+    assert any(p.name.startswith("events") for p in (workdir / "tb").rglob("*"))
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert any(line.get("split") == "train" and "loss" in line for line in lines)
+    # A second run with more steps resumes from the last checkpoint instead of starting over.
+    r = run_cli("--config=configs/pretrain.py:smoke", f"--workdir={workdir}", "--config.steps=34")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resum" in (r.stdout + r.stderr)
+    assert json.loads((workdir / "results.json").read_text())["steps"] == 34
