@@ -10,8 +10,8 @@ from flax import nnx
 from fft import pretrained, zoo
 from fft.config_lib import FFTError
 from fft.generate import generate  # noqa: F401  (re-exported as fft.generate)
+from fft.interop import hf
 from fft.models.config import ModelConfig
-from fft.models.transformer import Transformer
 
 
 def load(source: str):
@@ -33,7 +33,7 @@ def load(source: str):
 
 def build_loaded(model_config: ModelConfig, load_weights):
     """A model of `model_config` with every weight `load_weights` provides."""
-    abstract = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
+    abstract = hf.build_abstract(model_config)  # Transformer, or Encoder for BERT configs
     graphdef, abstract_state = nnx.split(abstract)
     state = load_weights(abstract_state, None)
     missing = {p for p, _ in nnx.to_flat_state(abstract_state)} - {
@@ -58,7 +58,7 @@ def export(workdir_or_model, out_dir: str, format: str = "hf", merge: bool = Fal
     Returns:
       out_dir.
     """
-    from fft.interop import hf, peft
+    from fft.interop import peft
 
     if format not in ("hf", "peft"):
         raise FFTError(f"export format={format!r}: choose 'hf' or 'peft'.")
@@ -74,13 +74,18 @@ def export(workdir_or_model, out_dir: str, format: str = "hf", merge: bool = Fal
             if not run_config.get("lora", {}).get("rank"):
                 raise FFTError(f"{workdir} was not a LoRA run (lora.rank=0): nothing to export.")
             raw = pretrained.read_raw_params(workdir)
-            peft.export_peft(raw, spec.model_config, run_config["lora"], out_dir,
-                             base_model_name_or_path=run_config.get("init_from", ""))
+            peft.export_peft(
+                raw,
+                spec.model_config,
+                run_config["lora"],
+                out_dir,
+                base_model_name_or_path=run_config.get("init_from", ""),
+            )
             return out_dir
         model = build_loaded(spec.model_config, spec.load_weights)
         model_config = spec.model_config
     else:
         model = workdir_or_model
-        model_config = model.config
+        model_config = model.cfg
     hf.export_hf(model, model_config, out_dir, tokenizer=tokenizer)
     return out_dir

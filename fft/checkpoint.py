@@ -138,7 +138,11 @@ def _resolve_step_dir(path: str) -> str:
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "state")):
         return path
-    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    root = (
+        os.path.join(path, "checkpoints")
+        if os.path.isdir(os.path.join(path, "checkpoints"))
+        else path
+    )
     steps = []
     if os.path.isdir(root):
         for name in os.listdir(root):

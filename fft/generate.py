@@ -10,6 +10,8 @@ under the raw (temperature 1) model distribution, and a mask up to and including
 from __future__ import annotations
 
 import functools
+import sys
+import types
 from collections.abc import Sequence
 
 import flax.struct
@@ -69,7 +71,19 @@ def sample_logits(logits_bv, rng, *, temperature: float, top_k: int, top_p: floa
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "stop_tokens"),
 )
-def _generate(graphdef, state, prompt_bp, mask_bp, rng, *, max_new_tokens, temperature, top_k, top_p, stop_tokens):
+def _generate(
+    graphdef,
+    state,
+    prompt_bp,
+    mask_bp,
+    rng,
+    *,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    stop_tokens,
+):
     model = nnx.merge(graphdef, state)
     b, p = prompt_bp.shape
     n = max_new_tokens
@@ -88,7 +102,9 @@ def _generate(graphdef, state, prompt_bp, mask_bp, rng, *, max_new_tokens, tempe
         i, logits_bv, pos_b, cache, done, tokens, logprobs, out_mask, rng = carry
         rng, key = jax.random.split(rng)
         tok_b = sample(logits_bv, key)
-        lp_b = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1), tok_b[:, None], axis=-1)[:, 0]
+        lp_b = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1), tok_b[:, None], axis=-1)[
+            :, 0
+        ]
         live = ~done
         tokens = tokens.at[:, i].set(jnp.where(live, tok_b, 0))
         logprobs = logprobs.at[:, i].set(jnp.where(live, lp_b, 0.0))
@@ -206,3 +222,15 @@ def generate(
             row = row[:-1]
         texts.append(tokenizer.decode(row))
     return texts
+
+
+class _CallableModule(types.ModuleType):
+    """`fft.generate(...)` is the public function, but importing this submodule binds the name
+    `fft.generate` to the module (hiding fft/__init__'s lazy attribute); calling the module
+    therefore calls `generate`, whatever was imported first."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

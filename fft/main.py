@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fft import config_lib
+from fft import config_lib, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Method config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -44,6 +44,9 @@ def run(config, workdir: str) -> dict:
 def main(argv: list[str]) -> None:
     del argv
     try:
+        # Multi-host: join JAX's distributed runtime before any device is touched (a no-op for
+        # a single process; see fft/distributed.py for where the settings come from).
+        distributed.initialize_from_flags()
         run(_CONFIG.value, _WORKDIR.value)
     except config_lib.FFTError as e:
         # User errors are one message, not a traceback (DESIGN.md: "faults are loud", not noisy).

@@ -21,6 +21,7 @@ from flax import nnx
 from fft import tokenizers
 from fft.config_lib import FFTError
 from fft.models.config import ModelConfig
+from fft.models.encoder import EncoderConfig
 
 
 @dataclasses.dataclass
@@ -55,7 +56,10 @@ def load_spec(path: str) -> Spec:
 
         return Spec(*hf.load_spec(path), kind="hf")
     with open(os.path.join(path, "model.json")) as f:
-        model_config = ModelConfig.from_dict(json.load(f))
+        raw = json.load(f)
+    model_config = (
+        EncoderConfig.from_dict(raw) if raw.get("family") == "bert" else ModelConfig.from_dict(raw)
+    )
     tokenizer = tokenizers.load_tokenizer(os.path.join(path, "tokenizer"))
 
     def load_weights(abstract_state, shardings=None):
@@ -147,7 +151,12 @@ def place(flat: dict[str, np.ndarray], abstract_state, shardings=None):
     leaves = {}
     for path, var in nnx.to_flat_state(abstract_state):
         name = ".".join(str(p) for p in path)
-        src = flat.get(name)
+        # A backbone saved on its own fills the same leaves nested in a wrapper
+        # ('backbone.layers.0…' <- 'layers.0…'): try the name, then shorter suffixes.
+        parts = name.split(".")
+        src = next(
+            (flat[k] for k in (".".join(parts[i:]) for i in range(len(parts))) if k in flat), None
+        )
         shape = tuple(var.value.shape) if hasattr(var, "value") else tuple(var.shape)
         if src is None or tuple(src.shape) != shape:
             continue

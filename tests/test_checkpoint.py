@@ -31,7 +31,9 @@ def _start(workdir, steps, block_at=None):
     args = [sys.executable, RUN, str(workdir), str(steps)]
     if block_at is not None:
         args.append(str(block_at))
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
 
 
 def _wait_for(proc, text, timeout=240):

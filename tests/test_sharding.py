@@ -142,6 +142,8 @@ def test_constrain_is_noop_outside_and_shards_inside():
 
 def test_put_batch_shards_rows():
     mesh = sharding.make_mesh(data=8)
-    batch = sharding.put_batch({"tokens": np.arange(32).reshape(8, 4), "labels": np.arange(8)}, mesh)
+    batch = sharding.put_batch(
+        {"tokens": np.arange(32).reshape(8, 4), "labels": np.arange(8)}, mesh
+    )
     assert batch["tokens"].sharding.spec == PartitionSpec(("data", "fsdp"), None)
     np.testing.assert_array_equal(batch["labels"], np.arange(8))

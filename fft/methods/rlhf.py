@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import functools
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from fft import config_lib
 from fft.data import sources
 from fft.data.synthetic import World
-from fft.generate import generate_tokens
-from fft.models import lora as lora_lib
 from fft.models.heads import ValueHead
 from fft.models.transformer import Transformer
+from fft.rl import evals, ppo
 from fft.rl import kl as kl_lib
-from fft.rl import ppo
 from fft.rl import rewards as rewards_lib
 from fft.rl import rollout as rollout_lib
 from fft.train import lm, loop
@@ -65,22 +60,6 @@ def policy_trainable(config):
     return trainable
 
 
-def reference_model(base: lm.Base) -> Transformer:
-    """A frozen copy of the base decoder (full fine-tuning only; LoRA runs disable adapters)."""
-    if base.load_weights is None:
-        raise config_lib.ConfigError(
-            "rlhf needs starting weights: set config.init_from (an SFT workdir or 'fft:<name>')."
-        )
-
-    def build():
-        return Transformer(base.model_config, rngs=nnx.Rngs(0))
-
-    loaded = base.load_weights(nnx.state(nnx.eval_shape(build)), None)
-    model = build()
-    nnx.update(model, loaded)
-    return model
-
-
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
@@ -100,60 +79,6 @@ def prompt_records(config, world: World) -> tuple[list[dict], list[dict], str]:
     train = world.instruction_data("train", c.train_prompts, tasks)
     evals = world.instruction_data("test", c.eval_prompts, tasks)
     return train, evals, "instruction"
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-def make_evaluate(records, fmt, tokenizer, *, prompt_len, max_new_tokens, ref_model, judge,
-                  reward_fn, seed):  # fmt: skip
-    """`evaluate(model)`: true reward, win rate vs the starting model, KL, reward-model score."""
-    prompt_bp, mask_bp = rollout_lib.encode_prompts(records, tokenizer, prompt_len, fmt)
-    stops = (tokenizer.eos_id,) if tokenizer.eos_id >= 0 else ()
-    gen = functools.partial(
-        generate_tokens, max_new_tokens=max_new_tokens, stop_tokens=stops, rng=jax.random.key(seed)
-    )
-    start = {}
-
-    def judged(out):
-        texts = rewards_lib.decode_responses(tokenizer, out.tokens, out.mask, stops)
-        seqs = rollout_lib.sequences(
-            prompt_bp, mask_bp, np.asarray(out.tokens), np.asarray(out.mask)
-        )
-        if judge is None:
-            return seqs, texts, None
-        return seqs, texts, np.asarray([judge(r, t) for r, t in zip(records, texts, strict=True)])
-
-    def evaluate(model) -> dict:
-        out = gen(model, prompt_bp, mask_bp, temperature=0.0)
-        seqs, texts, true = judged(out)
-        if "true" not in start:  # the starting model's greedy answers, once per process
-            if ref_model is None:
-                with lora_lib.disable_lora(model):
-                    start["true"] = judged(gen(model, prompt_bp, mask_bp, temperature=0.0))[2]
-            else:
-                start["true"] = judged(gen(ref_model, prompt_bp, mask_bp, temperature=0.0))[2]
-        metrics = {"response_len": float(np.asarray(out.lengths).mean())}
-        if true is not None:
-            metrics["true_reward"] = float(true.mean())
-            metrics["win_rate"] = rewards_lib.win_rate(true, start["true"])
-        if reward_fn is not None:
-            metrics["reward"] = float(np.mean(reward_fn(records, seqs, texts)))
-        # KL(pi || pi_ref) per sequence on responses sampled from the policy (k1 summed).
-        sampled = gen(model, prompt_bp, mask_bp, temperature=1.0)
-        s_seqs = rollout_lib.sequences(
-            prompt_bp, mask_bp, np.asarray(sampled.tokens), np.asarray(sampled.mask)
-        )
-        logp, ref_logp, _ = rollout_lib.teacher_forced(
-            model, ref_model, {k: jnp.asarray(v) for k, v in s_seqs.items()}
-        )
-        m = s_seqs["loss_mask"]
-        metrics["kl"] = float((np.asarray(kl_lib.kl_k1(logp, ref_logp)) * m).sum(1).mean())
-        return metrics
-
-    return evaluate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +117,11 @@ def run(config, workdir: str) -> dict:
     train_records, eval_records, fmt = prompt_records(config, world)
     prompt_len = config.seq_len - c.max_new_tokens
 
-    ref_model = None if config.lora.rank > 0 else reference_model(base)
+    ref_model = (
+        None
+        if config.lora.rank > 0
+        else evals.reference_model(base.model_config, base.load_weights)
+    )
     has_answers = all("output" in r for r in train_records[:8] + eval_records[:8])
     judge = world.judge if has_answers else None
     if c.reward == "judge":
@@ -249,7 +178,7 @@ def run(config, workdir: str) -> dict:
         kl_loss_coef=c.kl_coef if grpo else 0.0,
         use_value=not grpo,
     )
-    evaluate = make_evaluate(
+    evaluate = evals.make_evaluate(
         eval_records,
         fmt,
         tokenizer,

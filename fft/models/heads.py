@@ -64,7 +64,9 @@ class ValueHead(nnx.Module):
     """Per-token scalar (PPO value): `[B,T,D] -> [B,T]`, zero-initialized output."""
 
     def __init__(self, d_model: int, *, rngs: nnx.Rngs):
-        self.out = Linear((d_model,), (1,), names=("embed", None), use_bias=True, init_std=0.0, rngs=rngs)
+        self.out = Linear(
+            (d_model,), (1,), names=("embed", None), use_bias=True, init_std=0.0, rngs=rngs
+        )
 
     def __call__(self, hidden_btd, segment_ids_or_mask=None):
         return self.out(hidden_btd.astype(jnp.float32))[..., 0].astype(jnp.float32)

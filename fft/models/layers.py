@@ -1,6 +1,6 @@
 """Building blocks of the transformers: Linear, norms, rotary, attention (+ KV cache), MLP, Embed.
 
-Every parameter names its logical axes (`sharding_names`); every activation passes through
+Every parameter names its logical axes (`out_sharding`); every activation passes through
 `fft.sharding.constrain`, a no-op unless a mesh is active. Params are stored in `param_dtype`
 and cast to the compute `dtype` at use; norms, softmax and logits are computed in float32.
 """
@@ -122,7 +122,9 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x_btd):
-        return jnp.einsum("btd,vd->btv", x_btd.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        return jnp.einsum(
+            "btd,vd->btv", x_btd.astype(self.dtype), self.embedding[...].astype(self.dtype)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +135,9 @@ class Embed(nnx.Module):
 class RMSNorm(nnx.Module):
     """x / rms(x) * (offset + scale); gemma stores scale as w with offset 1."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, offset: float = 0.0, param_dtype=jnp.float32):
+    def __init__(
+        self, dim: int, *, eps: float = 1e-6, offset: float = 0.0, param_dtype=jnp.float32
+    ):
         self.eps = float(eps)
         self.offset = float(offset)
         self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, param_dtype), out_sharding=("norm",))
@@ -243,10 +247,18 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, h, k, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
-        self.q = Linear((d,), (h, dh), names=("embed", "heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
-        self.k = Linear((d,), (k, dh), names=("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
-        self.v = Linear((d,), (k, dh), names=("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
-        self.o = Linear((h, dh), (d,), names=("heads", "head_dim", "embed"), use_bias=cfg.o_bias, **kw)
+        self.q = Linear(
+            (d,), (h, dh), names=("embed", "heads", "head_dim"), use_bias=cfg.qkv_bias, **kw
+        )
+        self.k = Linear(
+            (d,), (k, dh), names=("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw
+        )
+        self.v = Linear(
+            (d,), (k, dh), names=("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw
+        )
+        self.o = Linear(
+            (h, dh), (d,), names=("heads", "head_dim", "embed"), use_bias=cfg.o_bias, **kw
+        )
         self.n_heads, self.n_kv_heads, self.head_dim = h, k, dh
         self.scale = float(cfg.query_scale if cfg.query_scale is not None else dh**-0.5)
         self.softcap = float(cfg.attn_softcap)
@@ -279,8 +291,12 @@ class Attention(nnx.Module):
         if kv is not None:
             k_cache, v_cache = kv
             start = (0, 0, index, 0)
-            k_bksh = jax.lax.dynamic_update_slice(k_cache, k_btkh.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
-            v_bksh = jax.lax.dynamic_update_slice(v_cache, v_btkh.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
+            k_bksh = jax.lax.dynamic_update_slice(
+                k_cache, k_btkh.transpose(0, 2, 1, 3).astype(k_cache.dtype), start
+            )
+            v_bksh = jax.lax.dynamic_update_slice(
+                v_cache, v_btkh.transpose(0, 2, 1, 3).astype(v_cache.dtype), start
+            )
             out_btnh = self._attend_cache(q_btnh, k_bksh, v_bksh, bias)
             new_kv = (k_bksh, v_bksh)
         elif self.impl == "cudnn" and not self.softcap:
@@ -288,7 +304,9 @@ class Attention(nnx.Module):
             new_kv = None
         else:
             q_btkgh = q_btnh.reshape(b, t, self.n_kv_heads, g, self.head_dim)
-            s_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh, preferred_element_type=jnp.float32)
+            s_bkgts = jnp.einsum(
+                "btkgh,bskh->bkgts", q_btkgh, k_btkh, preferred_element_type=jnp.float32
+            )
             p_bkgts = self._probs(s_bkgts, bias[:, :, :, :, :]).astype(v_btkh.dtype)
             out = jnp.einsum("bkgts,bskh->btkgh", p_bkgts, v_btkh)
             out_btnh = out.reshape(b, t, self.n_heads, self.head_dim)
@@ -308,12 +326,22 @@ class Attention(nnx.Module):
             # Decode: the length-1 query axis squeezed out makes the score dot a plain batched
             # matvec over the [B,K,S,Dh] cache (BENCHMARKS.md: 140 us instead of 530 us).
             q_bkgh = q_btnh.reshape(b, self.n_kv_heads, g, self.head_dim)
-            s_bkgs = jnp.einsum("bkgh,bksh->bkgs", q_bkgh.astype(k_bksh.dtype), k_bksh, preferred_element_type=jnp.float32)
+            s_bkgs = jnp.einsum(
+                "bkgh,bksh->bkgs",
+                q_bkgh.astype(k_bksh.dtype),
+                k_bksh,
+                preferred_element_type=jnp.float32,
+            )
             p_bkgs = self._probs(s_bkgs, bias[:, :, :, 0, :]).astype(v_bksh.dtype)
             out = jnp.einsum("bkgs,bksh->bkgh", p_bkgs, v_bksh)
             return out.reshape(b, 1, self.n_heads, self.head_dim).astype(self.dtype)
         q_btkgh = q_btnh.reshape(b, t, self.n_kv_heads, g, self.head_dim)
-        s_bkgts = jnp.einsum("btkgh,bksh->bkgts", q_btkgh.astype(k_bksh.dtype), k_bksh, preferred_element_type=jnp.float32)
+        s_bkgts = jnp.einsum(
+            "btkgh,bksh->bkgts",
+            q_btkgh.astype(k_bksh.dtype),
+            k_bksh,
+            preferred_element_type=jnp.float32,
+        )
         p_bkgts = self._probs(s_bkgts, bias).astype(v_bksh.dtype)
         out = jnp.einsum("bkgts,bksh->btkgh", p_bkgts, v_bksh)
         return out.reshape(b, t, self.n_heads, self.head_dim).astype(self.dtype)
@@ -344,7 +372,10 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
         kw = dict(
-            dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), use_bias=cfg.mlp_bias, rngs=rngs
+            dtype=dtype_of(cfg.dtype),
+            param_dtype=dtype_of(cfg.param_dtype),
+            use_bias=cfg.mlp_bias,
+            rngs=rngs,
         )
         self.gated = cfg.mlp in ("swiglu", "geglu")
         if self.gated:

@@ -110,8 +110,12 @@ def apply_lora(
         names = lin.names
         fan_in = math.prod(lin.in_shape)
         bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(rngs.params(), lead + lin.in_shape + (rank,), jnp.float32, -bound, bound)
-        lin.lora_a = LoRAParam(a.astype(kernel.dtype), out_sharding=lead_names + names[:n_in] + (None,))
+        a = jax.random.uniform(
+            rngs.params(), lead + lin.in_shape + (rank,), jnp.float32, -bound, bound
+        )
+        lin.lora_a = LoRAParam(
+            a.astype(kernel.dtype), out_sharding=lead_names + names[:n_in] + (None,)
+        )
         b = jnp.zeros(lead + (rank,) + lin.out_shape, kernel.dtype)
         lin.lora_b = LoRAParam(b, out_sharding=lead_names + (None,) + names[n_in:])
         lin.lora_scale = float(scale)

@@ -69,7 +69,12 @@ class Transformer(nnx.Module):
         self.embed = L.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=pdt, rngs=rngs)
         if cfg.pos == "learned":
             self.pos_embed = L.Embed(
-                cfg.max_seq_len, cfg.d_model, names=(None, "embed"), dtype=dt, param_dtype=pdt, rngs=rngs
+                cfg.max_seq_len,
+                cfg.d_model,
+                names=(None, "embed"),
+                dtype=dt,
+                param_dtype=pdt,
+                rngs=rngs,
             )
         if cfg.scan_layers:
             self.layers = _stacked_blocks(cfg, rngs)
@@ -78,7 +83,12 @@ class Transformer(nnx.Module):
         self.final_norm = L.make_norm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = L.Linear(
-                (cfg.d_model,), (cfg.vocab_size,), names=("embed", "vocab"), dtype=dt, param_dtype=pdt, rngs=rngs
+                (cfg.d_model,),
+                (cfg.vocab_size,),
+                names=("embed", "vocab"),
+                dtype=dt,
+                param_dtype=pdt,
+                rngs=rngs,
             )
         self.local_layers = tuple(cfg.is_local_layer(i) for i in range(cfg.n_layers))
         self.inv_freq = (
@@ -109,7 +119,11 @@ class Transformer(nnx.Module):
         x_btd = self._embed(tokens, positions)
         cos, sin = self._rope(positions)
         bias_g = L.attention_bias(segment_ids) if not all(self.local_layers) else None
-        bias_l = L.attention_bias(segment_ids, self.cfg.sliding_window) if any(self.local_layers) else None
+        bias_l = (
+            L.attention_bias(segment_ids, self.cfg.sliding_window)
+            if any(self.local_layers)
+            else None
+        )
         x_btd = self._run_layers(x_btd, cos, sin, bias_g, bias_l)
         return self.final_norm(x_btd)
 
@@ -156,7 +170,11 @@ class Transformer(nnx.Module):
         x_btd = self._embed(tokens, positions)
         cos, sin = self._rope(positions)
         bias_g = L.cache_bias(valid, index, t)
-        bias_l = L.cache_bias(valid, index, t, self.cfg.sliding_window) if any(self.local_layers) else None
+        bias_l = (
+            L.cache_bias(valid, index, t, self.cfg.sliding_window)
+            if any(self.local_layers)
+            else None
+        )
         ks, vs = [], []
         for i, block in enumerate(self._blocks()):
             bias = bias_l if self.local_layers[i] else bias_g
@@ -206,7 +224,9 @@ class Transformer(nnx.Module):
             def run(state, x_btd, cos, sin, bias, graphdef=graphdef):
                 return nnx.merge(graphdef, state)(x_btd, cos, sin, bias)[0]
 
-            x_btd = jax.checkpoint(run, policy=_remat_policy(cfg.remat))(state, x_btd, cos, sin, bias)
+            x_btd = jax.checkpoint(run, policy=_remat_policy(cfg.remat))(
+                state, x_btd, cos, sin, bias
+            )
         return x_btd
 
     def _scan_layers(self, x_btd, cos, sin, bias_g, bias_l):

@@ -13,15 +13,16 @@ PPO fits that shape as an on-policy data source plus a loss:
       otherwise: the next shuffled minibatch of it
 
 The data source needs the weights the loop is training. It gets them through
-`bind_state(graphdef, state)`, which the loop calls before pulling a batch (see the report in
-docs: a three-line hook in `fft.train.loop`); until the loop has that hook it reads them from the
-calling frame. Its `get_state()` holds the prompt position, the KL coefficient, the iteration and,
-mid-iteration, the rest of the rollout, so a resumed run continues with identical batches.
+`bind_state(graphdef, state)`, which the loop should call before pulling a batch (a three-line
+hook proposed for `fft.train.loop`: `if hasattr(train_data, "bind_state"):
+train_data.bind_state(graphdef, state)`); until the loop has it, `__next__` reads the loop's
+`graphdef` and `state` locals from the calling frame. Its `get_state()` holds the prompt
+position, the KL coefficient, the iteration and, mid-iteration, the rest of the rollout, so a
+resumed run continues with identical batches.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 
@@ -277,11 +278,6 @@ class PPOBatches:
         self._update_t0 = time.time()
 
     def __next__(self) -> dict:
-        if self._bound is None:
-            # The loop has no bind_state hook (yet): read its `graphdef` and `state` locals.
-            caller = sys._getframe(1).f_locals
-            if "graphdef" in caller and "state" in caller:
-                self._bound = (caller["graphdef"], caller["state"])
         if self.buffer is None or self.pos >= self.steps_per_rollout:
             if self.buffer is not None:
                 self.iteration += 1

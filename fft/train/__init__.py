@@ -1,1 +1,13 @@
-"""fft.train."""
+"""fft.train: TrainState, optimizers and schedules, losses, the train step and the loop."""
+
+from fft.train.state import TrainState, split_model, trainable_filter_from_config
+from fft.train.step import LossFn, make_eval_step, make_train_step
+
+__all__ = [
+    "LossFn",
+    "TrainState",
+    "make_eval_step",
+    "make_train_step",
+    "split_model",
+    "trainable_filter_from_config",
+]

@@ -7,13 +7,11 @@ its weights come from, LoRA, which params train, the next-token loss) lives here
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 
-import jax
 from flax import nnx
 
-from fft import config_lib, pretrained
+from fft import pretrained
 from fft.data import formats
 from fft.models import lora as lora_lib
 from fft.models import presets
@@ -21,6 +19,7 @@ from fft.models.config import ModelConfig
 from fft.models.transformer import Transformer
 from fft.tokenizers import Tokenizer
 from fft.train import losses
+from fft.train.state import trainable_filter_from_config
 
 
 @dataclasses.dataclass
@@ -82,24 +81,9 @@ def model_builder(model_config: ModelConfig, config) -> Callable[[], nnx.Module]
     return build
 
 
-def path_str(path) -> str:
-    """'layers.0.attn.q.kernel' for an nnx state path."""
-    return ".".join(str(getattr(p, "key", p)) for p in path)
-
-
 def trainable_filter(config):
     """The nnx filter of trainable params: LoRA params when rank > 0, else `config.trainable`."""
-    if config.lora.rank > 0:
-        return lora_lib.LoRAParam
-    try:
-        pattern = re.compile(config.trainable)
-    except re.error as e:
-        raise config_lib.ConfigError(f"config.trainable={config.trainable!r} is not a regex: {e}")
-
-    def matches(path, value) -> bool:
-        return isinstance(value, nnx.Param) and bool(pattern.search(path_str(path)))
-
-    return matches
+    return trainable_filter_from_config(config.trainable, config.lora.rank)
 
 
 def next_token_loss_fn(chunk_size: int = 128):
@@ -125,8 +109,3 @@ def text_encoder(tokenizer: Tokenizer, seq_len: int, fmt: str = "text", **kwargs
         return formats.encode_record(record, fmt, tokenizer, max_len=seq_len, **kwargs)
 
     return encode
-
-
-def count_params(state) -> int:
-    """Number of scalars in a pytree of arrays / nnx state."""
-    return sum(int(x.size) for x in jax.tree.leaves(state))

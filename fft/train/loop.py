@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from fft import checkpoint as ckpt_lib
 from fft import metrics as metrics_lib
 from fft import sharding
+from fft.config_lib import ConfigError
 from fft.train import optim
 from fft.train.state import TrainState, count_model_params, count_params, split_model
 from fft.train.step import make_train_step
@@ -222,7 +223,13 @@ def train(
     )
     rules = sharding.rules_from_config(_cfg(config, "sharding.rules", ()))
     sharding.check_batch_size(batch_size, mesh)
-    sharding.check_batch_size(batch_size // grad_accum, mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if grad_accum > 1 and (batch_size // grad_accum) % shards:
+        raise ConfigError(
+            f"batch_size={batch_size} / optim.grad_accum={grad_accum} = "
+            f"{batch_size // grad_accum} rows per microbatch do not divide over mesh.data*fsdp="
+            f"{shards} devices; lower grad_accum or raise batch_size."
+        )
 
     with sharding.use_mesh(mesh, rules):
         # ---- abstract state -> shardings ------------------------------------------------------
@@ -307,6 +314,9 @@ def train(
                     if guard.should_stop():
                         preempted = True
                         break
+                    if hasattr(train_data, "bind_state"):
+                        # On-policy data (PPO/GRPO rollouts) samples from the live weights.
+                        train_data.bind_state(graphdef, state)
                     try:
                         batch_np = next(train_data)
                     except StopIteration:
@@ -340,7 +350,7 @@ def train(
                 if pending is not None:
                     check_and_log(pending, force=True)
 
-                # ---- final checkpoint (also on SIGTERM) -------------------------------------------
+                # ---- final checkpoint (also on SIGTERM) ---------------------------------------
                 if step != last_saved:
                     ckpt.save(step, state, data_state())
                 ckpt.wait()

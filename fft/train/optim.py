@@ -133,15 +133,34 @@ def path_tree(params):
 
 
 def scale_by_path(multipliers) -> optax.GradientTransformation:
-    """Multiplies each update by a fixed per-leaf factor (a tree of floats like the params)."""
+    """Multiplies each update by a per-leaf factor (a tree like the params).
+
+    A factor is a float, or a schedule `step -> factor` (jittable; the step is counted in this
+    transform's state). Schedules change which params move without recompiling the train step:
+    gradual unfreezing gives a group factor 0 until its unfreeze step (fft.methods.transfer).
+    """
+    scheduled = any(callable(m) for m in jax.tree.leaves(multipliers))
 
     def init_fn(params):
         del params
-        return optax.EmptyState()
+        return (
+            optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+            if scheduled
+            else optax.EmptyState()
+        )
 
     def update_fn(updates, state, params=None):
         del params
-        updates = jax.tree.map(lambda u, m: u if m == 1.0 else u * m, updates, multipliers)
+        step = state.count if scheduled else None
+
+        def scale(u, m):
+            if callable(m):
+                return u * jnp.asarray(m(step), u.dtype)
+            return u if m == 1.0 else u * m
+
+        updates = jax.tree.map(scale, updates, multipliers)
+        if scheduled:
+            state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
         return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -160,6 +179,10 @@ def _get(cfg, key, default):
     return default if value is None else value
 
 
+def _multiplier(m):
+    return m if callable(m) else float(m)
+
+
 def make_optimizer(
     optim_cfg,
     total_steps: int,
@@ -174,8 +197,8 @@ def make_optimizer(
         (grad_accum is read by the train step, not here).
       total_steps: run length in optimizer steps (for decay-to-end schedules).
       params: the (abstract) trainable params; needed only with `lr_multiplier_fn`.
-      lr_multiplier_fn: `path -> float` (e.g. layer-wise lr decay: 'layers.0.…' -> 0.5);
-        the update of each param is scaled by it.
+      lr_multiplier_fn: `path -> float` (e.g. layer-wise lr decay: 'layers.0.…' -> 0.5) or
+        `path -> (step -> float)` (e.g. gradual unfreezing); each param's update is scaled by it.
 
     Returns:
       `(tx, schedule)`: an `optax.GradientTransformation` and the `step -> lr` schedule.
@@ -222,7 +245,7 @@ def make_optimizer(
     if lr_multiplier_fn is not None:
         if params is None:
             raise ValueError("make_optimizer: lr_multiplier_fn needs `params` (for their paths).")
-        multipliers = jax.tree.map(lambda p: float(lr_multiplier_fn(p)), path_tree(params))
+        multipliers = jax.tree.map(lambda p: _multiplier(lr_multiplier_fn(p)), path_tree(params))
         parts.append(scale_by_path(multipliers))
     return optax.chain(*parts), schedule
 

@@ -74,7 +74,9 @@ def trainable_filter_from_config(regex: str | None = None, lora_rank: int = 0):
         try:
             pattern = re.compile(regex)
         except re.error as e:
-            raise ConfigError(f"trainable: {regex!r} is not a valid regular expression: {e}")
+            raise ConfigError(
+                f"trainable: {regex!r} is not a valid regular expression: {e}"
+            ) from None
 
     lora_type = None
     if lora_rank and lora_rank > 0:

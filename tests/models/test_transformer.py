@@ -24,7 +24,9 @@ def _randomize_norms(model, seed=1):
     def f(path, x):
         names = [str(getattr(p, "key", p)) for p in path]
         if any("norm" in n for n in names) or names[-1] == "bias":
-            return x + 0.1 * jax.random.normal(jax.random.fold_in(key, hash(tuple(names)) % 2**31), x.shape)
+            return x + 0.1 * jax.random.normal(
+                jax.random.fold_in(key, hash(tuple(names)) % 2**31), x.shape
+            )
         return x
 
     nnx.update(model, jax.tree_util.tree_map_with_path(f, nnx.to_pure_dict(state)))
@@ -129,7 +131,9 @@ def test_scan_and_remat_match_plain(family_cfg, remat):
     if remat != "none":
         variants["remat"] = _model(family_cfg.replace(remat=remat))
     for name, m in variants.items():
-        np.testing.assert_allclose(np.asarray(m(tokens)), np.asarray(ref_logits), atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(m(tokens)), np.asarray(ref_logits), atol=1e-5, err_msg=name
+        )
         loss, grad = jax.jit(_loss_and_grad)(m, tokens)
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
         g = nnx.to_pure_dict(grad)

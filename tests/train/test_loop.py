@@ -54,7 +54,7 @@ def test_nan_guard_stops_naming_the_step(tmp_path):
             return batch
 
     cfg = config(10)
-    cfg.checkpoint_every = 0
+    cfg.checkpoint_every, cfg.mesh.data, cfg.mesh.tensor = 0, 4, 2
     with pytest.raises(NonFiniteError, match=r"step 4: metric 'loss' is nan"):
         train(cfg, str(tmp_path), method="toy", build_model=build(), loss_fn=poisoned_loss,
               train_data=Poisoned(8))  # fmt: skip

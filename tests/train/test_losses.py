@@ -10,8 +10,10 @@ from fft.train import losses
 
 def _lsm(z):
     z = np.asarray(z, np.float64)
-    return z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(
-        -1, keepdims=True
+    return (
+        z
+        - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - z.max(-1, keepdims=True)
     )
 
 

@@ -115,9 +115,7 @@ def test_grad_accumulation_equals_big_batch():
 
 
 def test_frozen_params_do_not_change():
-    graphdef, params, frozen = split_model(
-        build()(), trainable_filter_from_config(r"lm_head")
-    )
+    graphdef, params, frozen = split_model(build()(), trainable_filter_from_config(r"lm_head"))
     tx, _ = optim.make_optimizer({"name": "sgd", "lr": 0.1, "schedule": "constant"}, 10, params)
     step = jax.jit(make_train_step(graphdef, lm_loss, tx))
     it = ToyIterator(4)

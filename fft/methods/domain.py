@@ -1,0 +1,328 @@
+"""Domain adaptation: continued pretraining on a domain corpus, with replay of general text.
+
+    data     mixture [domain, general] with weights [1 - replay, replay]   (next-token loss)
+    init     config.init_from (fft:tiny, an fft workdir or a local HF model), full / LoRA / regex
+    vocab    optional extension: domain pieces learned with sentencepiece on the domain corpus are
+             appended to the tokenizer; the embedding and the output layer grow by as many rows,
+             each new row the mean of the rows of the old sub-tokens the piece replaces. Old ids
+             keep their rows, so the old tokens' logits are unchanged (tested).
+    evals    domain_ppl, general_ppl (retention) and tokens_per_doc, before and after.
+
+Perplexities are PER WORD: exp(total NLL of a document set / its number of whitespace words),
+where the NLL sums every target token of each whole document (its text and the closing eos).
+Per-token perplexity cannot compare two tokenizers (fewer, rarer tokens have a higher per-token
+ppl for the same text); per-word and per-byte can. `*_bpb` (bits per UTF-8 byte) and
+`*_token_ppl` (the model's own tokens) are reported beside them. Eval documents are the ones that
+fit one row (`domain.eval_seq_len`) under both the old and the new tokenizer, so every document
+is scored whole, with the same text under either tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fft import config_lib, tokenizers
+from fft.data import pipeline, sources
+from fft.data.synthetic import World
+from fft.models.transformer import Transformer
+from fft.train import lm, loop, losses
+
+# =============================================================================================
+# Data
+# =============================================================================================
+
+
+def _texts(spec: str, fallback, on_bad_record: str) -> list[str]:
+    """Texts of a data spec (JSONL with a 'text' field, ...), or `fallback()` when spec is ''."""
+    if not spec:
+        return list(fallback())
+    src = sources.open_source(spec, on_bad_record=on_bad_record)
+    out = []
+    for i in range(len(src)):
+        record = src[i]
+        if record is None:
+            continue
+        if not isinstance(record.get("text"), str):
+            raise sources.BadRecordError(f"{src.origin(i)}: record has no string field 'text'")
+        out.append(record["text"])
+    return out
+
+
+def _corpora(config) -> dict[str, list[str]]:
+    d, world = config.domain, World(config.domain.world_seed)
+    bad = config.data.on_bad_record
+    return {
+        "domain_train": _texts(
+            config.data.train, lambda: world.domain_corpus(d.name, d.train_docs), bad
+        ),
+        "domain_eval": _texts(
+            config.data.eval, lambda: world.domain_corpus(d.name, d.eval_docs, "test"), bad
+        ),
+        "general_train": _texts(d.general_train, lambda: world.general_corpus(d.general_docs), bad),
+        "general_eval": _texts(
+            d.general_eval, lambda: world.general_corpus(d.eval_docs, "test"), bad
+        ),
+    }
+
+
+# =============================================================================================
+# Vocabulary extension
+# =============================================================================================
+
+
+def learn_domain_pieces(texts, tokenizer, n_new: int, *, sp_vocab: int = 2048,
+                        min_chars: int = 3) -> list[str]:  # fmt: skip
+    """The `n_new` most likely pieces of a sentencepiece model trained on `texts` that the old
+    tokenizer lacks (pieces of at least `min_chars` characters, not counting the space mark).
+
+    Returns:
+      Pieces in sentencepiece notation ('▁' = a leading space), most probable first.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb2
+
+    texts = list(texts)
+    # The domain model may come out smaller than asked on a small corpus (hard_vocab_limit off).
+    sp = tokenizers.train_sentencepiece(texts, sp_vocab, None)
+    proto = pb2.ModelProto.FromString(sp.model_proto)
+    old = {tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)}
+    cands = [
+        (p.score, p.piece)
+        for p in proto.pieces
+        if p.type == p.NORMAL and p.piece not in old and len(p.piece.replace("▁", "")) >= min_chars
+    ]
+    cands.sort(key=lambda sp_: (-sp_[0], sp_[1]))
+    return [piece for _, piece in cands[:n_new]]
+
+
+def sub_token_ids(old_tokenizer, new_tokenizer) -> dict[int, list[int]]:
+    """{new id: the old ids its piece encodes to} for every id the new tokenizer added."""
+    out = {}
+    for i in range(old_tokenizer.vocab_size, new_tokenizer.vocab_size):
+        text = new_tokenizer.id_to_piece(i).replace("▁", " ")
+        out[i] = old_tokenizer.encode(text) or [old_tokenizer.unk_id]
+    return out
+
+
+def extend_params(flat: dict[str, np.ndarray], subs: dict[int, list[int]],
+                  new_vocab: int) -> dict[str, np.ndarray]:  # fmt: skip
+    """Grows `embed.embedding [V,D]` and `lm_head.kernel [D,V]` to `new_vocab` rows / columns.
+
+    Row (column) i of a new token is the mean of the rows (columns) of its old sub-tokens
+    `subs[i]`; ids not in `subs` (padding) start at zero. Old rows are copied unchanged, so for
+    inputs made of old ids the old logits are exactly the same.
+    """
+    out = dict(flat)
+    for name, axis in (("embed.embedding", 0), ("lm_head.kernel", 1)):
+        if name not in flat:
+            continue  # tied embeddings: the output layer is the embedding
+        w = np.moveaxis(np.asarray(flat[name]), axis, 0)
+        grown = np.zeros((new_vocab,) + w.shape[1:], w.dtype)
+        grown[: w.shape[0]] = w
+        for i, ids in subs.items():
+            grown[i] = w[np.asarray(ids)].mean(axis=0)
+        out[name] = np.moveaxis(grown, 0, axis)
+    return out
+
+
+def _extended_loader(base: lm.Base, old_cfg, subs, new_vocab: int):
+    """A `load_weights` that reads the base at its own vocab size, then grows the vocab rows."""
+
+    def load_weights(abstract_state, shardings=None):
+        del shardings  # the loop re-places what this returns with the state's shardings
+        old_abstract = nnx.state(nnx.eval_shape(lambda: Transformer(old_cfg, rngs=nnx.Rngs(0))))
+        loaded = base.load_weights(old_abstract, None)
+        flat = {".".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(loaded)}
+        flat = extend_params(flat, subs, new_vocab)
+        leaves = {}
+        for path, var in nnx.to_flat_state(abstract_state):
+            arr = flat.get(".".join(map(str, path)))
+            if arr is not None and tuple(arr.shape) == tuple(var.value.shape):
+                leaves[path] = var.replace(jnp.asarray(arr, var.value.dtype))
+        return nnx.from_flat_state(leaves)
+
+    return load_weights
+
+
+def _extend_vocab(config, workdir, base: lm.Base, domain_texts):
+    """(tokenizer, model_config, load_weights, subs) with the domain pieces added."""
+    old_tok = base.tokenizer
+    saved = os.path.join(workdir, "tokenizer")
+    if os.path.isdir(saved):  # a resumed run: the tokenizer it started with
+        new_tok = tokenizers.load_tokenizer(saved)
+    else:
+        v = config.domain.vocab
+        if v.source == "terms":
+            pieces = [t for t in World(config.domain.world_seed).domain_terms(config.domain.name)]
+            pieces = ["▁" + t for t in pieces][: v.new_tokens]
+        else:
+            pieces = learn_domain_pieces(domain_texts, old_tok, v.new_tokens, sp_vocab=v.sp_vocab)
+        # NORMAL pieces scored like the best old piece: unigram segmentation then prefers them.
+        new_tok = tokenizers.extend_vocab(old_tok, pieces, user_defined=False)
+    subs = sub_token_ids(old_tok, new_tok)
+    new_vocab = max(base.model_config.vocab_size, new_tok.vocab_size)
+    model_config = base.model_config.replace(vocab_size=new_vocab)
+    load = _extended_loader(base, base.model_config, subs, new_vocab)
+    return new_tok, model_config, load, subs
+
+
+# =============================================================================================
+# Evals: per-word / per-byte perplexity over whole documents
+# =============================================================================================
+
+
+@functools.lru_cache(maxsize=8)
+def _nll_fn(vocab_limit: int | None):
+    @nnx.jit
+    def nll(model, batch):
+        hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        logits = model.logits(hidden)
+        if vocab_limit is not None:  # score as the model before extension: old ids only
+            logits = logits[..., :vocab_limit]
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return -(losses.token_logprobs(logits, batch["tokens"]) * mask).sum(), mask.sum()
+
+    return nll
+
+
+class DocSet:
+    """Whole documents encoded one per row, with their word and byte counts."""
+
+    def __init__(self, texts, tokenizer, seq_len: int, batch_size: int):
+        encode = lm.text_encoder(tokenizer, seq_len)
+        self.batches = pipeline.make_eval_batches(
+            [[{"text": t} for t in texts]], encode, seq_len=seq_len, batch_size=batch_size,
+            shard_index=0, shard_count=1,
+        )  # fmt: skip
+        self.words = sum(len(t.split()) for t in texts)
+        self.bytes = sum(len(t.encode("utf-8")) for t in texts)
+        self.tokens_per_doc = float(np.mean([len(tokenizer.encode(t)) for t in texts]))
+
+    def evaluate(self, model, prefix: str, vocab_limit: int | None = None) -> dict[str, float]:
+        fn, total, count = _nll_fn(vocab_limit), 0.0, 0.0
+        for batch in self.batches:
+            nll, n = jax.device_get(fn(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+            total, count = total + float(nll), count + float(n)
+        return {
+            f"{prefix}_ppl": math.exp(min(total / max(self.words, 1), 50.0)),
+            f"{prefix}_bpb": total / math.log(2) / max(self.bytes, 1),
+            f"{prefix}_token_ppl": math.exp(min(total / max(count, 1.0), 50.0)),
+        }
+
+
+def _fits(texts, toks, seq_len: int) -> list[str]:
+    """Texts that fit one row (bos + text + eos) under every tokenizer in `toks`."""
+    return [t for t in texts if all(len(k.encode(t)) + 2 <= seq_len for k in toks)]
+
+
+# =============================================================================================
+# The method
+# =============================================================================================
+
+
+def run(config, workdir: str) -> dict:
+    """Continues training `config.init_from` on a domain corpus; returns the results dict."""
+    d = config.domain
+    if not config.init_from:
+        raise config_lib.ConfigError(
+            "config.init_from is empty: domain adaptation continues a pretrained model; give "
+            "'fft:tiny', an fft workdir or a local HF model directory."
+        )
+    if not 0.0 <= d.replay < 1.0:
+        raise config_lib.ConfigError(f"config.domain.replay={d.replay} must be in [0, 1).")
+    corpora = _corpora(config)
+    base = lm.load_base(config)
+    tokenizer, model_config, load_weights, subs = base.tokenizer, base.model_config, None, {}
+    load_weights = base.load_weights
+    if d.vocab.extend:
+        tokenizer, model_config, load_weights, subs = _extend_vocab(
+            config, workdir, base, corpora["domain_train"]
+        )
+        print(f"[domain] vocabulary {base.tokenizer.vocab_size} -> {tokenizer.vocab_size} "
+              f"(+{len(subs)} domain pieces)", flush=True)  # fmt: skip
+
+    # ---- train data: domain + replay of general text --------------------------------------
+    encode = lm.text_encoder(tokenizer, config.seq_len, truncation="split")
+    train_data = pipeline.make_train_iterator(
+        [[{"text": t} for t in corpora["domain_train"]],
+         [{"text": t} for t in corpora["general_train"]]],
+        encode, seq_len=config.seq_len, batch_size=config.batch_size,
+        packing=config.data.packing, shuffle=config.data.shuffle, seed=config.seed,
+        weights=[1.0 - d.replay, d.replay],
+    )  # fmt: skip
+
+    # ---- evals ----------------------------------------------------------------------------
+    toks = [base.tokenizer, tokenizer]
+    eval_texts = {
+        k: _fits(corpora[f"{k}_eval"], toks, d.eval_seq_len) for k in ("domain", "general")
+    }
+    for k, texts in eval_texts.items():
+        if not texts:
+            raise config_lib.ConfigError(
+                f"no {k} eval document fits domain.eval_seq_len={d.eval_seq_len} tokens; raise it."
+            )
+    sets = {
+        k: DocSet(t, tokenizer, d.eval_seq_len, config.batch_size) for k, t in eval_texts.items()
+    }
+    base_sets = None
+    if subs:  # the base model with its own tokenizer: the real starting point
+        base_sets = {
+            k: DocSet(t, base.tokenizer, d.eval_seq_len, config.batch_size)
+            for k, t in eval_texts.items()
+        }
+    # Base metrics are measured once, on a fresh start (a resumed run reads them back).
+    base_path = os.path.join(workdir, "eval_base.json")
+    base_metrics: dict[str, float] = {}
+    if base_sets is not None and os.path.exists(base_path):
+        with open(base_path) as f:
+            base_metrics = json.load(f)
+    elif os.path.exists(os.path.join(workdir, "eval_before.json")):
+        base_sets = None  # resumed past the start without them: nothing exact to measure
+
+    def evaluate(model) -> dict:
+        out = {}
+        for k, s in sets.items():
+            out.update(s.evaluate(model, k))
+        out["tokens_per_doc"] = sets["domain"].tokens_per_doc
+        if base_sets is not None and not base_metrics:
+            # Restricting the extended model's logits to the old ids gives exactly the base
+            # model (old rows unchanged), so this needs no second model.
+            for k, s in base_sets.items():
+                base_metrics.update(s.evaluate(model, k, vocab_limit=base.tokenizer.vocab_size))
+            base_metrics["tokens_per_doc"] = base_sets["domain"].tokens_per_doc
+            if jax.process_index() == 0:
+                os.makedirs(workdir, exist_ok=True)
+                with open(base_path, "w") as f:
+                    json.dump(base_metrics, f)
+        return out
+
+    results = loop.train(
+        config,
+        workdir,
+        method="domain",
+        build_model=lm.model_builder(model_config, config),
+        loss_fn=lm.next_token_loss_fn(),
+        train_data=train_data,
+        evaluate=evaluate,
+        trainable=lm.trainable_filter(config),
+        load_weights=load_weights,
+        tokenizer=tokenizer,
+        model_config=model_config,
+    )
+    results["eval_docs"] = {k: len(t) for k, t in eval_texts.items()}
+    results["ppl_unit"] = "per word (whole documents; *_bpb per byte, *_token_ppl per token)"
+    if subs:
+        results["vocab"] = {"old": base.tokenizer.vocab_size, "new": tokenizer.vocab_size}
+        if base_metrics:
+            results["base"] = base_metrics
+    if not results.get("preempted") and jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    return results

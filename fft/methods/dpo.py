@@ -1,0 +1,240 @@
+"""DPO / IPO: align a policy directly on preference pairs, no reward model, no sampling.
+
+Recipe:
+  data       chosen / rejected pairs (synthetic judge-ranked pairs, or every pair a K-way ranking
+             implies; or config.data.train JSONL in 'preference' / 'ranking' format)
+  reference  the starting weights; their sequence log-probs of every pair are computed ONCE
+             before training (cached in WORKDIR/dpo_reference.npz) and ride along in the batches,
+             so training never runs a second model
+  loss       fft.rl.objectives.dpo_loss (sigmoid, optional label smoothing) or ipo_loss
+             (squared, on length-averaged log-probs)
+  evals      true reward (judge) and win rate against the starting model on held-out prompts,
+             KL to the reference (fft.rl.evals)
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fft import config_lib
+from fft.data import pipeline, sources
+from fft.data.synthetic import World
+from fft.rl import evals, objectives
+from fft.train import lm, loop, losses
+
+SIDES = ("chosen", "rejected")
+FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: pairs, encoded once into rows
+# ---------------------------------------------------------------------------------------------
+
+
+def ranking_to_pairs(record: dict) -> list[dict]:
+    """Every (better, worse) pair of a ranking record (`ranking[i]` = rank of responses[i]).
+
+    Returns:
+      preference records `{prompt, chosen, rejected, ...other fields}`.
+    """
+    responses, ranks = record["responses"], record["ranking"]
+    rest = {k: v for k, v in record.items() if k not in ("responses", "ranking", "order")}
+    out = []
+    for i, j in itertools.combinations(range(len(responses)), 2):
+        if ranks[i] == ranks[j]:
+            continue
+        good, bad = (i, j) if ranks[i] < ranks[j] else (j, i)
+        out.append(rest | {"chosen": responses[good], "rejected": responses[bad]})
+    return out
+
+
+def pair_records(config, world: World) -> list[dict]:
+    """Training pairs from config.data.train or the synthetic world (config.dpo.data)."""
+    c = config.dpo
+    if config.data.train:
+        src = sources.open_source(config.data.train, on_bad_record=config.data.on_bad_record)
+        records = [src[i] for i in range(len(src))]
+        if config.data.format == "ranking":
+            records = [p for r in records for p in ranking_to_pairs(r)]
+        return records
+    if c.data == "pairs":
+        return world.pairwise_data("train", c.train_pairs, noise=c.noise)
+    if c.data == "rankings":
+        ranked = world.preference_data("train", c.train_pairs, k=c.k, noise=c.noise)
+        return [p for r in ranked for p in ranking_to_pairs(r)]
+    raise config_lib.ConfigError(f"config.dpo.data={c.data!r}: choose 'pairs' or 'rankings'.")
+
+
+def encode_rows(records, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+    """All pairs as arrays `[N, T]` (chosen_* / rejected_*), padding rows removed."""
+    encode = pipeline.make_encoder("preference", tokenizer, max_len=seq_len)
+    pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
+    batches = pipeline.make_eval_batches(
+        [records], encode, seq_len=seq_len, batch_size=64, packing=False, pad_id=pad
+    )
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    real = rows["chosen_segment_ids"].any(1) & rows["rejected_segment_ids"].any(1)
+    return {k: v[real] for k, v in rows.items()}
+
+
+class RowStream:
+    """Endless seeded minibatches over fixed rows; `get_state`/`set_state` resume exactly."""
+
+    def __init__(self, rows: dict[str, np.ndarray], batch_size: int, *, seed: int = 0):
+        self.rows, self.batch_size, self.seed = rows, int(batch_size), int(seed)
+        self.n = len(next(iter(rows.values())))
+        if self.n < self.batch_size:
+            raise config_lib.ConfigError(f"{self.n} preference pairs < batch_size {batch_size}.")
+        self.epoch, self.index = 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.index + self.batch_size > self.n:  # drop the remainder, start a new epoch
+            self.epoch, self.index = self.epoch + 1, 0
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        idx = perm[self.index : self.index + self.batch_size]
+        self.index += self.batch_size
+        return {k: v[idx] for k, v in self.rows.items()}
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs and the loss
+# ---------------------------------------------------------------------------------------------
+
+
+def pair_logprobs(model, batch):
+    """Summed response log-probs and response lengths of both sides, in one forward pass.
+
+    Returns:
+      (logp_chosen [B], logp_rejected [B], len_chosen [B], len_rejected [B]).
+    """
+    cat = {f: jnp.concatenate([batch[f"{s}_{f}"] for s in SIDES]) for f in FIELDS}
+    hidden = model.hidden_states(cat["tokens"], cat["positions"], cat["segment_ids"])
+    lp = losses.token_logprobs(model.logits(hidden), cat["tokens"]) * cat["loss_mask"]
+    b = batch["chosen_tokens"].shape[0]
+    seq, n = lp.sum(1), cat["loss_mask"].sum(1)
+    return seq[:b], seq[b:], n[:b], n[b:]
+
+
+@nnx.jit
+def _pair_logprobs_jit(model, batch):
+    return pair_logprobs(model, batch)
+
+
+def reference_logprobs(ref_model, rows, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """`ref_chosen_logp`, `ref_rejected_logp` `[N]` of every row under the reference."""
+    n = len(rows["chosen_tokens"])
+    out = {"ref_chosen_logp": [], "ref_rejected_logp": []}
+    for i in range(0, n, batch_size):
+        chunk = {k: v[i : i + batch_size] for k, v in rows.items()}
+        k = len(chunk["chosen_tokens"])
+        if k < batch_size:  # pad to one shape: one compile
+            chunk = {key: np.concatenate([v, np.zeros_like(v[: batch_size - k])]) for key, v in
+                     chunk.items()}  # fmt: skip
+        c, r, _, _ = _pair_logprobs_jit(ref_model, {k2: jnp.asarray(v) for k2, v in chunk.items()})
+        out["ref_chosen_logp"].append(np.asarray(c)[:k])
+        out["ref_rejected_logp"].append(np.asarray(r)[:k])
+    return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
+
+
+def make_loss_fn(loss: str, beta: float, label_smoothing: float = 0.0):
+    """LossFn for DPO ('dpo', summed log-probs) or IPO ('ipo', length-averaged log-probs)."""
+    if loss not in ("dpo", "ipo"):
+        raise config_lib.ConfigError(f"config.dpo.loss={loss!r}: choose 'dpo' or 'ipo'.")
+
+    def loss_fn(model, batch, rng):
+        del rng
+        pi_c, pi_r, n_c, n_r = pair_logprobs(model, batch)
+        ref_c, ref_r = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+        if loss == "ipo":
+            n_c, n_r = jnp.maximum(n_c, 1.0), jnp.maximum(n_r, 1.0)
+            value, aux = objectives.ipo_loss(pi_c / n_c, pi_r / n_r, ref_c / n_c, ref_r / n_r,
+                                             beta=beta)  # fmt: skip
+        else:
+            value, aux = objectives.dpo_loss(
+                pi_c, pi_r, ref_c, ref_r, beta=beta, label_smoothing=label_smoothing
+            )
+        return value, aux
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------
+
+
+def _cached_reference(path, rows, compute) -> dict[str, np.ndarray]:
+    """Reference log-probs from `path` when it matches these rows, else computed and saved."""
+    if os.path.exists(path):
+        with np.load(path) as f:
+            cached = {k: f[k] for k in f.files}
+        if cached.get("n_rows", np.array(-1)).item() == len(rows["chosen_tokens"]):
+            cached.pop("n_rows")
+            return cached
+    ref = compute()
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, n_rows=np.array(len(rows["chosen_tokens"])), **ref)
+        os.replace(tmp, path)
+    return ref
+
+
+def run(config, workdir: str) -> dict:
+    """Trains a policy with DPO / IPO; returns the results dict."""
+    c = config.dpo
+    world = World(c.world_seed)
+    base = lm.load_base(config)
+    tokenizer = base.tokenizer
+    rows = encode_rows(pair_records(config, world), tokenizer, config.seq_len)
+    reference = evals.reference_model(base.model_config, base.load_weights)
+    ref = _cached_reference(
+        os.path.join(workdir, "dpo_reference.npz"),
+        rows,
+        lambda: reference_logprobs(reference, rows),
+    )
+    rows.update(ref)
+    print(f"[dpo] {len(rows['chosen_tokens'])} pairs; reference log-probs cached.", flush=True)
+
+    eval_records = world.instruction_data("test", c.eval_prompts)
+    lora = config.lora.rank > 0
+    evaluate = evals.make_evaluate(
+        eval_records,
+        "instruction",
+        tokenizer,
+        prompt_len=config.seq_len - c.max_new_tokens,
+        max_new_tokens=c.max_new_tokens,
+        ref_model=None if lora else reference,  # LoRA: the policy with adapters off
+        judge=world.judge,
+        seed=config.seed + 1,
+    )
+    if lora:
+        del reference  # training itself never needs it
+    return loop.train(
+        config,
+        workdir,
+        method="dpo",
+        build_model=lm.model_builder(base.model_config, config),
+        loss_fn=make_loss_fn(c.loss, c.beta, c.label_smoothing),
+        train_data=RowStream(rows, config.batch_size, seed=config.seed),
+        evaluate=evaluate,
+        trainable=lm.trainable_filter(config),
+        load_weights=base.load_weights,
+        tokenizer=tokenizer,
+        model_config=base.model_config,
+    )

@@ -1,0 +1,101 @@
+"""Domain adaptation: vocabulary extension keeps the old tokens' outputs; the smoke run trains.
+
+Loader behaviour the method relies on is tested in tests/data/: mixture weights honoured and
+changeable on resume (test_pipeline.py::test_mixture_weights_and_change_on_resume), exact resume
+(::test_resume_gives_identical_batches), malformed lines named by file:line
+(test_sources.py::test_bad_record_names_file_and_line).
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from fft import pretrained, tokenizers
+from fft.data.synthetic import World
+from fft.methods import domain
+from fft.models import presets
+from fft.models.transformer import Transformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(0)
+
+
+def _flat(model):
+    return {
+        ".".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(model))
+    }
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_vocab_extension_keeps_old_outputs(world, tied):
+    general = world.general_corpus(300)
+    clinical = world.domain_corpus("clinical", 300)
+    old_tok = tokenizers.train_sentencepiece(general, 400)
+    pieces = domain.learn_domain_pieces(clinical, old_tok, 24, sp_vocab=500)
+    assert len(pieces) == 24 and all(old_tok.piece_to_id(p) in (-1, old_tok.unk_id) for p in pieces)
+    new_tok = tokenizers.extend_vocab(old_tok, pieces, user_defined=False)
+    assert new_tok.vocab_size == old_tok.vocab_size + 24
+
+    # The domain pieces shorten domain documents and every text still round-trips.
+    n_old = np.mean([len(old_tok.encode(t)) for t in clinical[:50]])
+    n_new = np.mean([len(new_tok.encode(t)) for t in clinical[:50]])
+    assert n_new < 0.9 * n_old
+    assert all(new_tok.decode(new_tok.encode(t)) == t for t in clinical[:20])
+
+    cfg = presets.get_preset("micro").replace(vocab_size=old_tok.vocab_size, tie_embeddings=tied)
+    old_model = Transformer(cfg, rngs=nnx.Rngs(0))
+    subs = domain.sub_token_ids(old_tok, new_tok)
+    flat = domain.extend_params(_flat(old_model), subs, new_tok.vocab_size)
+    new_cfg = cfg.replace(vocab_size=new_tok.vocab_size)
+    new_model = Transformer(new_cfg, rngs=nnx.Rngs(1))
+    nnx.update(new_model, pretrained.place(flat, nnx.state(new_model)))
+
+    # New rows are the mean of their old sub-token rows.
+    emb_old, emb_new = _flat(old_model)["embed.embedding"], _flat(new_model)["embed.embedding"]
+    i, ids = next(iter(subs.items()))
+    assert len(ids) > 1
+    np.testing.assert_allclose(emb_new[i], emb_old[ids].mean(0), rtol=1e-6)
+    if not tied:
+        head_old, head_new = _flat(old_model)["lm_head.kernel"], _flat(new_model)["lm_head.kernel"]
+        np.testing.assert_allclose(head_new[:, i], head_old[:, ids].mean(1), rtol=1e-6)
+
+    # Old tokens (inputs made of old ids) get exactly the old logits for the old vocabulary.
+    tokens = np.asarray([old_tok.encode(t)[:32] for t in clinical[:4] + general[:4]], np.int32)
+    old_logits = np.asarray(old_model(tokens))
+    new_logits = np.asarray(new_model(tokens))
+    assert new_logits.shape[-1] == new_tok.vocab_size
+    np.testing.assert_allclose(new_logits[..., : old_tok.vocab_size], old_logits, atol=1e-5)
+
+
+def test_domain_smoke_run(tmp_path):
+    from fft import main
+
+    spec = __import__("importlib").util.spec_from_file_location(
+        "domain_cfg", os.path.join(REPO, "configs", "domain.py")
+    )
+    mod = __import__("importlib").util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config("smoke")  # fft:micro + vocabulary extension
+    results = main.run(config, str(tmp_path))
+
+    for split in ("before", "after"):
+        for key in ("domain_ppl", "general_ppl", "tokens_per_doc", "domain_bpb"):
+            assert np.isfinite(results[split][key]), (split, key)
+    assert results["after"]["domain_bpb"] < results["before"]["domain_bpb"]
+    # The base model with its own tokenizer is the reference; the new tokens shorten documents.
+    assert results["base"]["tokens_per_doc"] > results["after"]["tokens_per_doc"]
+    assert results["vocab"]["new"] > results["vocab"]["old"]
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["base"] == results["base"]
+    assert (
+        tokenizers.load_tokenizer(str(tmp_path / "tokenizer")).vocab_size == results["vocab"]["new"]
+    )
+    assert jax.device_count() == 8  # the run shards its batch over the 8 test devices
