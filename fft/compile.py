@@ -376,6 +376,11 @@ def format_report(r: dict) -> str:
         f"    compiled, per chip  {r['flops_per_step_per_chip']:.3e}  (XLA cost analysis)",
         f"    compiled, all chips {r['flops_per_step']:.3e}",
         f"    model (6N + attn)   {r['model_flops_per_step']:.3e}",
+        *(
+            ["    (scan_layers: XLA counts the scanned layer body once; trust the model figure)"]
+            if r["scan_layers"]
+            else []
+        ),
         f"    step time at 100% MFU: {r['step_s_at_100pct_mfu'] * 1e3:.1f} ms "
         f"(peak {r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 per chip)",
         "  FITS" if r["fits"] else "  DOES NOT FIT",

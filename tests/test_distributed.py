@@ -169,7 +169,9 @@ def _restore_params(workdir: str, step: int, mesh_shape):
 def _assert_same_params(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-5, err_msg=str(k))
+        # Cross-process reductions sum in another order; Adam's m / sqrt(v) turns that float
+        # noise into up to ~1% of one lr step (lr 3e-3) where a gradient is almost zero.
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-4, err_msg=str(k))
 
 
 def test_two_processes_match_one_and_checkpoints_cross(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ per run), then writes into --out:
   results.md     the table: exact match before/after, trainable params, train-state memory,
                  tokens/s, peak memory, wall time
   loss.png       train loss of every run (fft.report.plot_runs)
-  exact_match.png  held-out exact match against trainable parameters
+  exact_match.png  held-out exact match and response ppl against trainable parameters
 
 Train-state memory counts what the optimizer keeps: every weight (f32) plus AdamW's two moments
 for the trainable ones only, which is where LoRA saves: (total + 2 * trainable) * 4 bytes.
@@ -28,6 +28,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, REPO)  # run from a checkout without installing
 
 
 def run_one(name: str, workdir: str, args, overrides: list[str]) -> dict:
@@ -81,12 +82,13 @@ def row(name: str, workdir: str, results: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| run | exact match before | exact match after | trainable params | share | "
-        "train state (MB) | tokens/s | peak RSS (MB) | wall (s) |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| run | exact match before | exact match after | response ppl after | trainable params "
+        "| share | train state (MB) | tokens/s | peak RSS (MB) | wall (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
         f"| {r['run']} | {r['exact_match_before']:.3f} | {r['exact_match_after']:.3f} | "
+        f"{r['ppl_after']:.2f} | "
         f"{r['trainable_params']:,} | {100 * r['trainable_params'] / r['total_params']:.2f}% | "
         f"{r['train_state_mb']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_memory_mb']:.0f} | "
         f"{r['wall_s']:.0f} |\n"
@@ -103,18 +105,24 @@ def plots(rows: list[dict], out: str) -> None:
 
     report.plot_runs([r["workdir"] for r in rows], "loss", os.path.join(out, "loss.png"),
                      split="train", title="train loss (response tokens)")  # fmt: skip
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for r in rows:
-        ax.scatter(r["trainable_params"], r["exact_match_after"], s=40)
-        ax.annotate(r["run"], (r["trainable_params"], r["exact_match_after"]),
-                    textcoords="offset points", xytext=(5, 5))  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("held-out exact match (after)")
-    ax.set_title("LoRA vs full fine-tuning")
-    ax.grid(alpha=0.3)
+    for i, (key, label) in enumerate(
+        [
+            ("exact_match_after", "held-out exact match (after)"),
+            ("ppl_after", "response ppl (after)"),
+        ]
+    ):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for r in rows:
+            ax.scatter(r["trainable_params"], r[key], s=40)
+            ax.annotate(r["run"], (r["trainable_params"], r[key]),
+                        textcoords="offset points", xytext=(5, 5))  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("LoRA vs full fine-tuning")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "exact_match.png"), dpi=120)
 

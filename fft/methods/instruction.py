@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+
 from fft.config_lib import ConfigError
 from fft.data import pipeline, sources
 from fft.data.synthetic import World
@@ -101,7 +103,7 @@ def _sample_writer(config, workdir: str):
     n = int(config.instruction.samples)
 
     def write(rows: list[dict]) -> None:
-        if not n or config.eval_every:
+        if not n or config.eval_every or jax.process_index() != 0:
             return
         fresh = not os.path.exists(os.path.join(workdir, "eval_before.json"))
         step = 0 if fresh else int(config.steps)

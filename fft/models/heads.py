@@ -55,7 +55,7 @@ class ClassificationHead(nnx.Module):
         self.out = Linear((d_model,), (n_out,), names=("embed", None), use_bias=True, rngs=rngs)
 
     def __call__(self, hidden_btd, segment_ids_or_mask=None):
-        """Args: hidden `[B,T,D]`, segment ids or a mask `[B,T]` (>0 = real). Returns `[B, n_out]`."""
+        """Args: hidden `[B,T,D]`, segment ids or mask `[B,T]` (>0 = real). Returns `[B,n_out]`."""
         pooled = pool(hidden_btd, _mask_of(hidden_btd, segment_ids_or_mask), self.pooling)
         return self.out(pooled).astype(jnp.float32)
 

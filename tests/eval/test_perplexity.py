@@ -23,6 +23,6 @@ def test_perplexity_counts_targets_only_and_ignores_padding_rows():
     b = perplexity.evaluate(model, [padded], prefix="response_")
     assert a["loss"] == pytest.approx(b["response_loss"], rel=1e-6)
     assert a["ppl"] == pytest.approx(math.exp(a["loss"]), rel=1e-6)
-    # Changing a prompt token changes the context, not the count: still 4 targets.
+    # The mask picks the targets: counting the prompt too gives a different mean.
     whole = stack_rows([single_row(tokens, [0] + [1] * 11, 16)])
     assert perplexity.evaluate(model, [whole])["loss"] != pytest.approx(a["loss"])
