@@ -298,12 +298,7 @@ class HFTokenizer:
             # Newer HF configs hold a list of named templates; the default one is 'default'.
             named = {t.get("name"): t.get("template") for t in config["chat_template"]}
             config["chat_template"] = named.get("default")
-        tok = tokenizers.Tokenizer.from_file(path)
-        # Some tokenizer.json files (MiniLM's) pad and truncate every encoding to a fixed
-        # length; fft pads and packs itself, so both are switched off.
-        tok.no_padding()
-        tok.no_truncation()
-        return cls(tok, config)
+        return cls(tokenizers.Tokenizer.from_file(path), config)
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
