@@ -2,7 +2,7 @@
 
 Run:
   python -m fft.main --config=configs/dpo.py --workdir=runs/dpo \
-      --config.init_from=runs/instruction
+      --config.init_from=runs/instruction   # the default: the instruction method's workdir
   python -m fft.main --config=configs/dpo.py:ipo --workdir=runs/ipo
   python -m fft.main --config=configs/dpo.py:smoke --workdir=/tmp/dpo      # < 1 minute
 Variants: '' (DPO, LoRA), 'ipo', 'rankings' (pairs from 3-way rankings), 'full' (all weights),
@@ -18,7 +18,7 @@ def get_config(variant: str = ""):
     """Returns the DPO config for `variant`."""
     c = config_lib.base_config()
     c.method = "dpo"
-    c.init_from = "fft:tiny"  # the policy's start: an SFT workdir (instruction method) is best
+    c.init_from = "runs/instruction"  # the policy's start: an SFT workdir (instruction method)
     c.steps = 300  # optimizer steps
     c.batch_size = 32  # preference pairs per step
     c.seq_len = 128  # tokens per side (prompt + response); eval prompts get seq_len - max_new

@@ -2,7 +2,7 @@
 
 Run:
   python -m fft.main --config=configs/reward.py --workdir=runs/reward \
-      --config.init_from=runs/instruction
+      --config.init_from=runs/instruction   # the default: the instruction method's workdir
   python -m fft.main --config=configs/reward.py:bt --workdir=runs/reward_bt
   python -m fft.main --config=configs/reward.py:smoke --workdir=/tmp/reward   # < 1 minute
 Variants: '' (Plackett-Luce over 4-way rankings, LoRA), 'bt' (all implied pairs), 'full'
@@ -18,7 +18,7 @@ def get_config(variant: str = ""):
     """Returns the reward-model config for `variant`."""
     c = config_lib.base_config()
     c.method = "reward"
-    c.init_from = "fft:tiny"  # backbone: the SFT model the policy starts from is usual
+    c.init_from = "runs/instruction"  # backbone: the SFT workdir the policy starts from
     c.steps = 500  # optimizer steps
     c.batch_size = 16  # rankings (or pairs) per step
     c.seq_len = 128  # tokens per candidate (prompt + response)

@@ -1,8 +1,15 @@
 """RLHF: PPO (or GRPO) against the synthetic judge or a trained reward model, KL-bounded.
 
+RLHF starts from an instruction-tuned (SFT) model, so `init_from` defaults to `runs/instruction`,
+the workdir of the instruction method's documented run (relative to where you launch); point it
+at any other SFT workdir, HF directory or preset with --config.init_from.
+
 Run:
-  python -m fft.main --config=configs/rlhf.py --workdir=runs/rlhf \
-      --config.init_from=runs/instruction --config.rlhf.reward=runs/reward
+  python -m fft.main --config=configs/instruction.py --workdir=runs/instruction   # the SFT start
+  python -m fft.main --config=configs/rlhf.py --workdir=runs/rlhf               # PPO vs the judge
+  python -m fft.main --config=configs/reward.py --workdir=runs/reward
+  python -m fft.main --config=configs/rlhf.py --workdir=runs/rlhf_rm \
+      --config.rlhf.reward=runs/reward                                       # PPO vs the RM
   python -m fft.main --config=configs/rlhf.py:grpo --workdir=runs/grpo
   python -m fft.main --config=configs/rlhf.py:smoke --workdir=/tmp/rlhf      # < 1 minute
 Variants: '' (PPO, LoRA), 'grpo' (GRPO, no critic), 'full' (PPO, all weights), 'smoke',
@@ -21,11 +28,11 @@ def get_config(variant: str = ""):
     """Returns the RLHF config for `variant`."""
     c = config_lib.base_config()
     c.method = "rlhf"
-    c.init_from = "fft:tiny"  # the policy's start: an SFT workdir (instruction method) is best
-    c.steps = 400  # optimizer steps (100 rollouts of 64 with epochs=2, batch_size=32)
+    c.init_from = "runs/instruction"  # the policy's start: an SFT workdir (instruction method)
+    c.steps = 160  # optimizer steps: 40 rollouts of 64 (epochs=2, batch_size=32), ~10 min on 2 CPUs
     c.batch_size = 32  # rows per optimizer step (a PPO minibatch)
-    c.seq_len = 96  # prompt (seq_len - max_new_tokens, left-padded) + response tokens
-    c.optim.lr = 1e-4  # policy lr (LoRA); lower it for full fine-tuning
+    c.seq_len = 160  # prompt (seq_len - max_new_tokens = 128: all synthetic prompts) + response
+    c.optim.lr = 1e-3  # policy lr (LoRA r=8 on fft:tiny); lower it for full fine-tuning
     c.optim.schedule = "constant"  # RL: no decay, short warmup
     c.optim.warmup_steps = 10  # linear warmup steps
     c.optim.weight_decay = 0.0  # no decay on adapters / value head
@@ -40,7 +47,7 @@ def get_config(variant: str = ""):
     r.tasks = ""  # comma list of instruction tasks for prompts ('' = all)
     r.train_prompts = 4000  # synthetic training prompts (the stream cycles through them)
     r.eval_prompts = 64  # held-out prompts for true reward / win rate / KL
-    r.max_new_tokens = 24  # response length limit N
+    r.max_new_tokens = 32  # response length limit N (covers ~95% of synthetic answers)
     r.temperature = 1.0  # sampling temperature of rollouts (1.0 = on-policy)
     r.rollout_batch = 64  # sequences per rollout (prompts x group_size for GRPO)
     r.epochs = 2  # PPO epochs over each rollout

@@ -10,6 +10,8 @@ under the raw (temperature 1) model distribution, and a mask up to and including
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import sys
 import types
 from collections.abc import Sequence
@@ -48,15 +50,21 @@ def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndar
     return tokens, mask
 
 
-def sample_logits(logits_bv, rng, *, temperature: float, top_k: int, top_p: float):
-    """Greedy (temperature 0) or temperature / top-k / top-p sampling. Returns `[B]` int32."""
-    if temperature <= 0.0:
+def sample_logits(logits_bv, rng, *, temperature, top_k: int, top_p, greedy=None, nucleus=None):
+    """Greedy (temperature 0) or temperature / top-k / top-p sampling. Returns `[B]` int32.
+
+    `temperature` and `top_p` may be traced; then the static `greedy` (temperature 0) and
+    `nucleus` (top_p < 1) flags say which computation to build.
+    """
+    greedy = temperature <= 0.0 if greedy is None else greedy
+    nucleus = top_p < 1.0 if nucleus is None else nucleus
+    if greedy:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     logits = logits_bv.astype(jnp.float32) / temperature
     if top_k > 0:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
+    if nucleus:
         sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_desc, axis=-1)
         # Keep a token while the mass before it is < top_p (the most likely one always stays).
@@ -67,22 +75,20 @@ def sample_logits(logits_bv, rng, *, temperature: float, top_k: int, top_p: floa
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "stop_tokens"),
-)
-def _generate(
+def _generate_impl(
     graphdef,
     state,
     prompt_bp,
     mask_bp,
     rng,
+    temperature,
+    top_p,
+    stops,
     *,
     max_new_tokens,
-    temperature,
+    greedy,
     top_k,
-    top_p,
-    stop_tokens,
+    nucleus,
 ):
     model = nnx.merge(graphdef, state)
     b, p = prompt_bp.shape
@@ -91,8 +97,14 @@ def _generate(
     positions_bp = jnp.maximum(jnp.cumsum(mask_bp.astype(jnp.int32), axis=1) - 1, 0)
     cache = model.init_cache(b, p + n)
     logits_bpv, cache = model.decode(prompt_bp, positions_bp, cache, token_mask=mask_bp)
-    stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    sample = functools.partial(
+        sample_logits,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        greedy=greedy,
+        nucleus=nucleus,
+    )
 
     def cond(carry):
         i, done = carry[0], carry[4]
@@ -128,6 +140,40 @@ def _generate(
     out = jax.lax.while_loop(cond, body, init)
     tokens, logprobs, out_mask = out[5], out[6], out[7]
     return GenerateOutput(tokens=tokens, logprobs=logprobs, mask=out_mask, lengths=out_mask.sum(1))
+
+
+# Only what changes the program is static; temperature, top_p and the stop ids are traced so
+# that sweeping them (RLHF, evals) does not recompile.
+_STATIC = ("graphdef", "max_new_tokens", "greedy", "top_k", "nucleus")
+# On x86 CPUs the decode loop's dots go to oneDNN: at decode batch sizes they are weight-
+# bandwidth bound and oneDNN streams the weights faster than XLA's own kernels (fft.bench
+# generate, 20m, batch 8, interleaved A/B on a 2-core Zen3: 1.48x, same tokens). Set per function,
+# not through XLA_FLAGS, so the train step keeps XLA's kernels. Fusion type `dot` crashed the
+# compiler on that CPU (BENCHMARKS.md); `individual_dot` is fine. FFT_ONEDNN=0 turns it off.
+_CPU_DECODE_OPTIONS = {
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+_generate_xla = jax.jit(_generate_impl, static_argnames=_STATIC)
+_generate_onednn = jax.jit(
+    _generate_impl, static_argnames=_STATIC, compiler_options=_CPU_DECODE_OPTIONS
+)
+
+
+def _generate(*args, **kwargs):
+    """The compiled sampler: oneDNN dots on x86 CPUs (see above), XLA's own elsewhere."""
+    use_onednn = (
+        jax.default_backend() == "cpu"
+        and platform.machine().lower() in ("x86_64", "amd64")
+        and os.environ.get("FFT_ONEDNN", "1") != "0"
+    )
+    return (_generate_onednn if use_onednn else _generate_xla)(*args, **kwargs)
+
+
+def _stop_array(stop_tokens: Sequence[int]) -> jax.Array:
+    """Stop ids padded with -1 (never sampled) to a multiple of 8: fewer shapes, fewer compiles."""
+    ids = [int(t) for t in stop_tokens]
+    return jnp.asarray(ids + [-1] * (-len(ids) % 8 or (8 if not ids else 0)), jnp.int32)
 
 
 def generate_tokens(
@@ -166,11 +212,13 @@ def generate_tokens(
         jnp.asarray(prompt_tokens_bp, jnp.int32),
         jnp.asarray(prompt_mask_bp, jnp.int32),
         rng,
+        jnp.asarray(max(float(temperature), 1e-6), jnp.float32),
+        jnp.asarray(top_p, jnp.float32),
+        _stop_array(stop_tokens),
         max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
+        greedy=float(temperature) <= 0.0,
         top_k=int(top_k),
-        top_p=float(top_p),
-        stop_tokens=tuple(int(s) for s in stop_tokens),
+        nucleus=float(top_p) < 1.0,
     )
 
 

@@ -40,8 +40,9 @@ def model(request):
     return Transformer(cfg, rngs=nnx.Rngs(0))
 
 
+@nnx.jit
 def _full(model, tokens, mask):
-    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    """Full forward without cache; positions count real tokens (left padding)."""
     pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     return model(tokens, positions=pos, segment_ids=mask)
 
@@ -57,16 +58,17 @@ def test_greedy_matches_uncached_argmax_and_logprobs(model):
     out = gen.generate_tokens(model, tokens, mask, max_new_tokens=N)
     assert out.tokens.shape == (3, N) and out.logprobs.dtype == jnp.float32
     assert out.lengths.tolist() == [N] * 3 and out.mask.tolist() == [[1] * N] * 3
-    # Step by step, without cache.
-    seq, seq_mask = tokens, mask
+    # Step by step, without cache. Sequences are right-padded (segment 0) to one length so one
+    # compiled forward serves every step; causal attention never sees the right padding.
+    p = tokens.shape[1]
+    seq = np.concatenate([tokens, np.zeros((3, N), np.int32)], 1)
+    seq_mask = np.concatenate([mask, np.zeros((3, N), np.int32)], 1)
     for i in range(N):
-        nxt = np.asarray(jnp.argmax(_full(model, seq, seq_mask)[:, -1], -1))
+        nxt = np.asarray(jnp.argmax(_full(model, seq, seq_mask)[:, p + i - 1], -1))
         np.testing.assert_array_equal(np.asarray(out.tokens[:, i]), nxt, err_msg=f"step {i}")
-        seq = np.concatenate([seq, nxt[:, None]], 1)
-        seq_mask = np.concatenate([seq_mask, np.ones((3, 1), np.int32)], 1)
+        seq[:, p + i], seq_mask[:, p + i] = nxt, 1
     # Teacher-forced log-probs of the same tokens.
     logp = jax.nn.log_softmax(_full(model, seq, seq_mask), -1)
-    p = tokens.shape[1]
     tf = jnp.take_along_axis(logp[:, p - 1 : -1], jnp.asarray(seq[:, p:])[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(tf), atol=1e-4)
 
@@ -89,7 +91,8 @@ def test_stop_tokens_and_early_exit(model):
     assert out.lengths.tolist() == [1, 1, 1] and int(out.tokens[:, 1:].sum()) == 0
 
 
-def test_sampling_settings(model):
+def test_sampling_settings():
+    model = Transformer(get_preset("micro"), rngs=nnx.Rngs(0))
     tokens, mask = gen.left_pad(PROMPTS, pad_id=0)
     greedy = gen.generate_tokens(model, tokens, mask, max_new_tokens=N)
     for kw in ({"top_k": 1}, {"top_p": 1e-6}):

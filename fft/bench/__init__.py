@@ -15,7 +15,6 @@ same process, interleaved in rounds, because this kind of machine drifts by 15% 
 """
 
 
-
 def main(argv=None) -> int:
     """Runs `python -m fft.bench` with `argv` (list of strings); returns the exit status."""
     from fft.bench.__main__ import main as _main  # imported on call: `-m` runs that module

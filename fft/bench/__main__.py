@@ -18,8 +18,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default="float32", help="compute dtype")
         sp.add_argument("--peer_threads", type=int, default=2, help="torch threads of the peer")
         sp.add_argument("--rounds", type=int, default=2, help="interleaved rounds fft / peer")
-        sp.add_argument("--tokenizer_docs", type=int, default=2000,
-                        help="general-corpus docs the benchmark tokenizer is trained on")
+        sp.add_argument(
+            "--tokenizer_docs",
+            type=int,
+            default=2000,
+            help="general-corpus docs the benchmark tokenizer is trained on",
+        )
         sp.set_defaults(**defaults)
 
     t = sub.add_parser("train", help="train step tokens/s, MFU, compile, memory")
@@ -31,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     t.add_argument("--scan_layers", action="store_true")
     t.add_argument("--loss_chunk", type=int, default=128, help="chunked cross-entropy positions")
+    t.add_argument("--peak_n", type=int, default=2048, help="n of the n x n matmul-peak probe")
+    t.add_argument(
+        "--onednn",
+        action="store_true",
+        help="compile the step with oneDNN dots (XLA:CPU; an A/B lead, not the loop's)",
+    )
 
     g = sub.add_parser("generate", help="greedy generation new tokens/s")
     common(g, "20m")

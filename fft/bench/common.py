@@ -23,6 +23,12 @@ import numpy as np
 
 _BASE: dict = {}
 
+# XLA:CPU oneDNN for dots, per compiled function (what fft.generate uses for decoding on x86).
+ONEDNN_OPTIONS = {
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+
 
 # =============================================================================================
 # Output
@@ -278,10 +284,12 @@ class FFTTrainer:
         self._compiled = None
         self.compile_s = None
 
-    def compile(self, batch) -> float:
+    def compile(self, batch, compiler_options: dict | None = None) -> float:
         """Lowers and compiles the step for `batch`'s shapes; returns the seconds it took."""
         t = time.perf_counter()
-        self._compiled = self._jitted.lower(self.state, batch).compile()
+        lowered = self._jitted.lower(self.state, batch)
+        opts = {"compiler_options": compiler_options} if compiler_options else {}
+        self._compiled = lowered.compile(**opts)
         self.compile_s = time.perf_counter() - t
         return self.compile_s
 

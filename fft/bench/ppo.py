@@ -109,8 +109,8 @@ def run_ppo(args) -> None:
              **settings)  # fmt: skip
 
     steady = rows[1:] or rows
-    med = {k: float(np.median([r[k] for r in steady])) for k in ("total_s", "rollout_s",
-                                                                 "prepare_s", "update_s")}  # fmt: skip
+    keys = ("total_s", "rollout_s", "prepare_s", "update_s")
+    med = {k: float(np.median([r[k] for r in steady])) for k in keys}
     gen_tokens = args.rollout_batch * args.new
     emit(
         "ppo_time_split",
@@ -123,7 +123,9 @@ def run_ppo(args) -> None:
         iteration_s=med["total_s"],
         update_fraction=med["update_s"] / med["total_s"],
         rollout_tokens_per_s=gen_tokens / med["rollout_s"],
-        update_tokens_per_s=args.epochs * args.rollout_batch * (args.prompt + args.new)
+        update_tokens_per_s=args.epochs
+        * args.rollout_batch
+        * (args.prompt + args.new)
         / max(med["update_s"], 1e-9),
         iterations=len(steady),
         **settings,

@@ -23,6 +23,7 @@ def _fft_settings(args, cfg) -> dict:
         "dtype": cfg.dtype,
         "remat": cfg.remat,
         "scan_layers": cfg.scan_layers,
+        "onednn": bool(getattr(args, "onednn", False)),
     }
 
 
@@ -31,7 +32,7 @@ def run_train(args) -> None:
         args.preset, args.seq, remat=args.remat, scan_layers=args.scan_layers, dtype=args.dtype
     )
     settings = _fft_settings(args, cfg)
-    peak = common.matmul_peak()
+    peak = common.matmul_peak(args.peak_n)
     trainer = common.lm_trainer(cfg, chunk=args.loss_chunk)
     emit("params", trainer.n_params, "count", **settings)
     rng = np.random.default_rng(0)
@@ -39,7 +40,7 @@ def run_train(args) -> None:
         common.device_batch(common.random_lm_batch(rng, args.batch, args.seq, cfg.vocab_size))
         for _ in range(2)
     ]
-    compile_s = trainer.compile(batches[0])
+    compile_s = trainer.compile(batches[0], common.ONEDNN_OPTIONS if args.onednn else None)
     _, first_s = trainer.step(batches[0])
     emit("compile_s", compile_s, "s", first_step_s=first_s, **settings)
 
@@ -163,6 +164,8 @@ def run_packing(args) -> None:
     }
     # Same shapes in both modes: one compiled step serves both.
     trainer.compile(common.device_batch(next(its["packed"])))
+    for it in its.values():  # warm-up, untimed
+        trainer.step(common.device_batch(next(it)))
     res = {m: {"targets": 0.0, "real": 0.0, "step_s": 0.0, "data_s": 0.0} for m in its}
     for _ in range(args.rounds):  # interleaved
         for mode, it in its.items():

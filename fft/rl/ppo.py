@@ -12,11 +12,9 @@ PPO fits that shape as an on-policy data source plus a loss:
         KL controller update (Ziegler et al. 2019)
       otherwise: the next shuffled minibatch of it
 
-The data source needs the weights the loop is training. It gets them through
-`bind_state(graphdef, state)`, which the loop should call before pulling a batch (a three-line
-hook proposed for `fft.train.loop`: `if hasattr(train_data, "bind_state"):
-train_data.bind_state(graphdef, state)`); until the loop has it, `__next__` reads the loop's
-`graphdef` and `state` locals from the calling frame. Its `get_state()` holds the prompt
+The data source needs the weights the loop is training: the loop calls
+`train_data.bind_state(graphdef, state)` before every pull, and the binding is dropped once the
+batch is served (the step donates that state). Its `get_state()` holds the prompt
 position, the KL coefficient, the iteration and, mid-iteration, the rest of the rollout, so a
 resumed run continues with identical batches.
 """

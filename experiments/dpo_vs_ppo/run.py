@@ -1,0 +1,198 @@
+"""The reward-versus-KL frontier of PPO and DPO (Rafailov et al., 2023, Fig. 2) on the synthetic
+instruction task, from one SFT model.
+
+    python experiments/dpo_vs_ppo/run.py --sft=runs/instruction            # ~1 h on 2 CPUs
+    python experiments/dpo_vs_ppo/run.py --smoke --out=/tmp/dvp            # fft:micro, minutes
+
+Every run starts from the SFT model (`--sft`, an instruction-method workdir) and is scored on the
+same held-out prompts: true reward = the judge's score of greedy answers, KL = KL(policy || SFT)
+per sequence on sampled answers (k1, summed over the answer; `fft.rl.evals`). One point per run
+(and one per intermediate eval when `--eval_every` > 0):
+
+  PPO   configs/rlhf.py, fixed KL penalty `rlhf.kl_coef` in --kl_coefs, rewarded by the judge
+        (the paper's "PPO-GT": the ground-truth reward), or by a reward model (--ppo_reward=DIR)
+  DPO   configs/dpo.py, `dpo.beta` in --betas, on pairs from the judge's noisy rankings
+
+Writes into --out: results.json, results.md (the table) and frontier.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, REPO)  # run from a checkout without installing
+
+
+def get_config(name: str, variant: str, overrides: dict):
+    """configs/<name>.py:<variant> with dotted-key overrides applied."""
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", f"{REPO}/configs/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant)
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = cast(node[leaf], value)
+    return config
+
+
+def cast(old, value):
+    """`value` (maybe a string from the command line) as the type of the field it replaces."""
+    if not isinstance(value, str) or isinstance(old, str) or old is None:
+        return value
+    if isinstance(old, bool):
+        return value.lower() in ("1", "true", "yes")
+    return type(old)(value)
+
+
+def parse_overrides(text: str) -> dict:
+    """'a.b=1,c=x' -> {'a.b': '1', 'c': 'x'}."""
+    return dict(kv.split("=", 1) for kv in text.split(",") if kv.strip())
+
+
+def run_one(name: str, variant: str, workdir: str, overrides: dict) -> dict:
+    """Runs one setting through fft.main.run, or reads its results.json when it finished."""
+    from fft import main as fft_main
+
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        print(f"== {name}:{variant} -> {workdir}  {overrides}", flush=True)
+        fft_main.run(get_config(name, variant, overrides), workdir)
+    with open(path) as f:
+        return json.load(f)
+
+
+def eval_points(workdir: str) -> list[dict]:
+    """Intermediate (step, true_reward, kl) evals of a run (metrics.jsonl, split 'eval')."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [m for m in map(json.loads, f) if m.get("split") == "eval"]
+    return [m for m in lines if "true_reward" in m and "kl" in m]
+
+
+def table(rows: list[dict], start: dict) -> str:
+    out = (
+        "| method | coefficient | true reward | win rate vs SFT | KL to SFT (nats/seq) "
+        "| answer tokens | wall (s) |\n|---|---|---|---|---|---|---|\n"
+        f"| SFT (start) | – | {start['true_reward']:.3f} | 0.500 | 0.00 | "
+        f"{start['response_len']:.1f} | – |\n"
+    )
+    for r in rows:
+        a = r["after"]
+        out += (
+            f"| {r['method']} | {r['coef_name']}={r['coef']:g} | {a['true_reward']:.3f} | "
+            f"{a['win_rate']:.3f} | {a['kl']:.2f} | {a['response_len']:.1f} | {r['wall_s']:.0f} |\n"
+        )
+    return out
+
+
+def plot(rows: list[dict], start: dict, out: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = {"PPO": "tab:blue", "DPO": "tab:red"}
+    for method, color in colors.items():
+        mine = [r for r in rows if r["method"] == method]
+        for r in mine:  # intermediate evals: small, the final point: large and labelled
+            pts = r["points"]
+            ax.scatter(
+                [p["kl"] for p in pts],
+                [p["true_reward"] for p in pts],
+                s=10,
+                color=color,
+                alpha=0.35,
+            )
+            ax.annotate(
+                f"{r['coef_name']}={r['coef']:g}",
+                (r["after"]["kl"], r["after"]["true_reward"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
+        ax.scatter(
+            [r["after"]["kl"] for r in mine],
+            [r["after"]["true_reward"] for r in mine],
+            s=45,
+            color=color,
+            label=method,
+        )
+    ax.scatter([0.0], [start["true_reward"]], marker="*", s=120, color="black", label="SFT start")
+    ax.set_xlabel("KL(policy || SFT), nats per sequence")
+    ax.set_ylabel("true reward (judge, greedy answers)")
+    ax.set_title("reward vs KL: PPO and DPO from one SFT model")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sft", default=os.path.join(REPO, "runs", "instruction"), help="SFT workdir")
+    p.add_argument("--out", default=os.path.join(HERE, "runs"), help="output directory")
+    p.add_argument("--smoke", action="store_true", help="smoke variants (fft:micro, a few steps)")
+    p.add_argument("--kl_coefs", default="0.02,0.1,0.5", help="PPO fixed KL coefficients")
+    p.add_argument("--betas", default="0.05,0.1,0.5", help="DPO betas")
+    p.add_argument("--ppo_reward", default="judge", help="'judge' or a reward-model workdir")
+    p.add_argument("--eval_every", type=int, default=0, help="intermediate evals (more points)")
+    p.add_argument("--ppo", default="", help="more rlhf overrides 'steps=96,optim.lr=1e-4'")
+    p.add_argument("--dpo", default="", help="more dpo overrides 'steps=200'")
+    args = p.parse_args()
+    variant = "smoke" if args.smoke else ""
+    os.makedirs(args.out, exist_ok=True)
+    start = {"init_from": os.path.abspath(args.sft), "eval_every": args.eval_every}
+    if not os.path.exists(os.path.join(start["init_from"], "results.json")):
+        sys.exit(f"--sft={args.sft}: not a finished instruction run (no results.json)")
+
+    settings = []
+    for k in args.kl_coefs.split(","):
+        over = {
+            "rlhf.kl_controller": "fixed",
+            "rlhf.kl_coef": float(k),
+            "rlhf.reward": args.ppo_reward,
+        } | parse_overrides(args.ppo)
+        settings.append(("PPO", "rlhf", "kl_coef", float(k), over))
+    for b in args.betas.split(","):
+        settings.append(
+            ("DPO", "dpo", "beta", float(b), {"dpo.beta": float(b)} | parse_overrides(args.dpo))
+        )
+    rows, sft_eval = [], None
+    for method, config, coef_name, coef, over in settings:
+        workdir = os.path.join(args.out, f"{method.lower()}_{coef_name}{coef:g}")
+        results = run_one(config, variant, workdir, start | over)
+        if method == "PPO" and sft_eval is None:
+            sft_eval = results["before"]  # the SFT model under the same evaluation
+        points = [results["before"]] + eval_points(workdir) + [results["after"]]
+        rows.append(
+            {
+                "method": method,
+                "coef_name": coef_name,
+                "coef": coef,
+                "workdir": workdir,
+                "after": results["after"],
+                "wall_s": results["wall_s"],
+                "points": points,
+            }
+        )
+    sft_eval = sft_eval or rows[0]["points"][0]
+    md = table(rows, sft_eval)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"sft": start["init_from"], "start": sft_eval, "rows": rows}, f, indent=2)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    plot(rows, sft_eval, args.out)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

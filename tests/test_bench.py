@@ -1,0 +1,97 @@
+"""fft.bench: every subcommand runs on micro settings and prints valid JSON lines.
+
+Functional only: no timing is asserted (the figures of a loaded CI machine mean nothing).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fft import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOK = ["--tokenizer_docs=200"]
+
+CASES = {
+    "train": (
+        ["train", "--preset=micro", "--seq=32", "--batch=2", "--steps=2", "--peak_n=256"],
+        {"matmul_f32_gflops", "params", "compile_s", "train_tokens_per_s", "mfu",
+         "peak_memory_bytes"},
+    ),
+    "generate": (
+        ["generate", "--preset=micro", "--batch=2", "--prompt=8", "--new=4", "--reps=2"],
+        {"params", "generate_tokens_per_s", "compile_s", "peak_memory_bytes"},
+    ),
+    "memory": (
+        ["memory", "--preset=micro", "--lora_rank=4"],
+        {"params", "optimizer_state_bytes", "lora_vs_full_optimizer_state"},
+    ),
+    "loader": (
+        ["loader", "--preset=micro", "--seq=32", "--batch=2", "--docs=200",
+         "--loader_seconds=0.2", "--steps=1", *TOK],
+        {"loader_tokens_per_s", "train_tokens_per_s", "loader_vs_train"},
+    ),
+    "ppo": (
+        ["ppo", "--preset=micro", "--rollout_batch=4", "--batch=2", "--epochs=1",
+         "--prompt=16", "--new=4", "--iters=2", *TOK],
+        {"params", "ppo_iteration_s", "ppo_time_split"},
+    ),
+    "packing": (
+        ["packing", "--preset=micro", "--seq=64", "--batch=2", "--steps=1", "--rounds=1",
+         "--records=40", *TOK],
+        {"train_target_tokens_per_s", "speedup_packing_vs_padding"},
+    ),
+}  # fmt: skip
+
+
+def _lines(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        d = json.loads(line)  # stdout holds JSON lines only
+        assert {"metric", "value", "unit"} <= set(d), d
+        assert d["value"] is None or isinstance(d["value"], (int, float)), d
+        if isinstance(d["value"], float):
+            assert math.isfinite(d["value"]), d
+        out.append(d)
+    return out
+
+
+@pytest.mark.parametrize("what", list(CASES))
+def test_subcommand_prints_json_lines(what, capsys):
+    argv, want = CASES[what]
+    assert bench.main(argv) == 0
+    lines = _lines(capsys.readouterr().out)
+    assert want <= {d["metric"] for d in lines}
+    assert all(d["bench"] == what and d["framework"] in ("fft", "transformers") for d in lines)
+    if what == "memory":
+        ratio = next(d for d in lines if d["metric"] == "lora_vs_full_optimizer_state")
+        assert 0 < ratio["value"] < 1
+    if what == "train":
+        tps = next(d for d in lines if d["metric"] == "train_tokens_per_s")
+        assert tps["preset"] == "micro" and tps["seq_len"] == 32 and tps["batch"] == 2
+        assert tps["value"] > 0 and math.isfinite(tps["loss"])
+
+
+def test_vs_transformers(capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    argv = ["train", "--preset=micro", "--seq=16", "--batch=1", "--steps=1", "--rounds=1",
+            "--vs=transformers", "--peer_threads=1", "--peak_n=256"]  # fmt: skip
+    assert bench.main(argv) == 0
+    lines = _lines(capsys.readouterr().out)
+    peer = [d for d in lines if d.get("framework") == "transformers"]
+    assert peer and peer[0]["metric"] == "train_tokens_per_s"
+    assert peer[0]["params"] == next(d for d in lines if d["metric"] == "params")["value"]
+    assert "speedup_vs_transformers" in {d["metric"] for d in lines}
+
+
+def test_command_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "fft.bench", "memory", "--preset=micro"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    ).stdout  # fmt: skip
+    assert "lora_vs_full_optimizer_state" in {d["metric"] for d in _lines(out)}
