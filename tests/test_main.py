@@ -26,7 +26,9 @@ def run_cli(*args, env_extra=None, timeout=600):
 
 
 def test_unknown_override_key_is_named(tmp_path):
-    r = run_cli("--config=configs/pretrain.py:smoke", f"--workdir={tmp_path}", "--config.optim.lrr=1")
+    r = run_cli(
+        "--config=configs/pretrain.py:smoke", f"--workdir={tmp_path}", "--config.optim.lrr=1"
+    )
     assert r.returncode != 0
     assert "config.optim.lrr" in r.stderr and "config.optim.lr" in r.stderr
     assert "Traceback" not in r.stderr
@@ -75,3 +77,47 @@ def test_pretrain_smoke_trains_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resum" in (r.stdout + r.stderr)
     assert json.loads((workdir / "results.json").read_text())["steps"] == 34
+
+
+def test_export_hf_matches_transformers(tmp_path):
+    """An fft run exported with `python -m fft.export` gives the same logits in transformers."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+
+    import fft
+
+    workdir, out = tmp_path / "w", tmp_path / "hf"
+    r = run_cli("--config=configs/pretrain.py:smoke", f"--workdir={workdir}", "--config.steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(
+        [sys.executable, "-m", "fft.export", f"--workdir={workdir}", f"--out={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    model, tokenizer = fft.load(str(workdir))
+    tokens = np.asarray([tokenizer.encode("The cat sat on the mat.")], np.int32)
+    ours = np.asarray(model(tokens))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    # A run without LoRA has no adapter to export: one clear message.
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fft.export",
+            f"--workdir={workdir}",
+            f"--out={tmp_path}/p",
+            "--format=peft",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "not a LoRA run" in r.stderr
