@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     """The keys every method shares (DESIGN.md, "Config keys every method shares")."""
     c = ml_collections.ConfigDict()
     c.method = ""  # which fft.methods.<name> runs this config
-    c.init_from = "fft:tiny"  # 'fft:<preset>' | local HF dir | fft workdir/checkpoint | '' (scratch)
+    c.init_from = "fft:tiny"  # 'fft:<preset>' | local HF dir | fft workdir | '' (scratch)
     c.seed = 0  # seeds params, data order and sampling
     c.steps = 100  # optimizer steps to train
     c.batch_size = 8  # global batch (rows) per optimizer step, split over data x fsdp

@@ -1,4 +1,4 @@
-"""Command-line entry point: `python -m fft.main --config=configs/<method>.py[:variant] --workdir=DIR`.
+"""Entry point: `python -m fft.main --config=configs/<method>.py[:variant] --workdir=DIR`.
 
 Parses the ml_collections config (with `--config.x.y=value` overrides), validates it before
 anything compiles, resolves `init_from` presets (`fft:tiny` is built and cached on first use),
@@ -75,7 +75,8 @@ def entry() -> None:
             print(f"fft: error: {e}", file=sys.stderr)
             sys.exit(2)
         except FileNotFoundError:
-            print(f"fft: error: config file {config_arg.split('=', 1)[1]} not found.", file=sys.stderr)
+            path = config_arg.split("=", 1)[1]
+            print(f"fft: error: config file {path} not found.", file=sys.stderr)
             sys.exit(2)
     app.run(main)
 

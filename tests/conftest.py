@@ -9,8 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests never build the full fft:tiny model unless marked slow; keep caches out of $HOME.
 os.environ.setdefault("FFT_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "fft"))
 
-import pytest  # noqa: E402
-
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: builds large artefacts (fft:tiny); deselect with -m 'not slow'")
+    config.addinivalue_line(
+        "markers", "slow: builds large artefacts (fft:tiny); deselect with -m 'not slow'"
+    )
