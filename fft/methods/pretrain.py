@@ -45,7 +45,10 @@ def run(config, workdir: str) -> dict:
         if os.path.exists(os.path.join(tok_dir, "tokenizer.model")):
             tokenizer = tokenizers.load_tokenizer(tok_dir)
         else:
-            texts = (r["text"] for r in train_records)
+            # Read the texts here, not inside sentencepiece's callback: a bad record must
+            # surface as fft's one-line error, not as a wrapped C++ RuntimeError.
+            n = min(len(train_records), 200_000)
+            texts = [train_records[i]["text"] for i in range(n)]
             tokenizer = tokenizers.train_sentencepiece(
                 texts, config.pretrain.vocab_size, os.path.join(workdir, ".tokenizer_build")
             )
