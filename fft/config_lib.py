@@ -191,7 +191,7 @@ def smoke(config: ml_collections.ConfigDict, **overrides: Any) -> ml_collections
 BASE_MODELS = {
     # name: (model preset, tokenizer vocab, steps, batch, seq_len, lr, general docs)
     "micro": ("micro", 512, 40, 8, 64, 3e-3, 2_000),
-    "tiny": ("tiny", 4096, 300, 16, 256, 2e-3, 40_000),
+    "tiny": ("tiny", 4096, 150, 16, 256, 3e-3, 40_000),
 }
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 
 from absl import logging
 
 from fft import config_lib
 
 # Bump when the recipe changes, so stale caches are rebuilt rather than silently reused.
-RECIPE_VERSION = "v1"
+RECIPE_VERSION = "v2"  # v2: 150 steps at lr 3e-3 (v1: 300 at 2e-3), ~5 min on 2 cores
 
 
 def cache_dir() -> str:
@@ -65,12 +64,17 @@ def resolve(source: str) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.exists(os.path.join(target, "results.json")):
             return target
+        # An interrupted build left its checkpoints here: the loop resumes it, and since the
+        # recipe is deterministic the result equals an uninterrupted build.
         tmp = target + ".building"
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
         logging.info("Building fft:%s into %s (first use; cached afterwards).", name, target)
         print(f"fft: building base model fft:{name} (first use, cached in {target}) ...")
-        pretrain.build(name, tmp)
+        results = pretrain.build(name, tmp)
+        if results.get("preempted"):
+            raise config_lib.FFTError(
+                f"building fft:{name} was interrupted at step {results['steps']}; its progress "
+                f"is kept in {tmp} and the next run that uses fft:{name} resumes it."
+            )
         os.replace(tmp, target)
     return target
 
