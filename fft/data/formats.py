@@ -15,23 +15,25 @@ token is never a target). Formats and their fields:
   classification     {"text", "label"} (int class, float regression, or a name in label_names)
                      or {"text", "labels": [...]} (multi-label -> multi-hot over label_names)
 
-The default instruction template (Alpaca style; the "### Input" block is left out when the
-record has no input):
+The default instruction template (Alpaca style, every field after a space; the "### Input"
+line is left out when the record has no input):
 
-    ### Instruction:
-    {instruction}
+    ### Instruction: {instruction}
+    ### Input: {input}
+    ### Response: {output}
 
-    ### Input:
-    {input}
-
-    ### Response:
-    {output}
+Fields follow a space, not a newline, and a space that ends the prompt moves to the start of the
+response (`_encode_spans`): tokenizers mark a word start with the space before it ("▁word",
+" word"), so a word right after a newline, or split from its space, becomes different (often
+character-level) tokens than the same word inside text — copying a word from the input to the
+answer would then mean learning a second spelling of every word. Generation prompts end without
+that space; the model produces it as part of its first token.
 
 A custom `template` string uses the same `{instruction}`, `{input}`, `{output}` placeholders:
 everything before `{output}` is the prompt, `{output}` and anything after it are targets, and
 the tokenizer's eos id ends the response. For `chat`, `template` (or else the tokenizer's
 `chat_template`) is a HuggingFace jinja chat template; without one a simple default is used:
-`<|system|>\\n...\\n<|user|>\\n...\\n<|assistant|>\\n` + reply + eos. In preference, ranking and
+`<|system|> ...\\n<|user|> ...\\n<|assistant|> ` + reply + eos. In preference, ranking and
 prompt_completion records a `prompt` that is a list of messages is rendered as a chat prompt; a
 string prompt is used as is, or through the instruction `template` when one is given.
 
@@ -62,9 +64,9 @@ FORMATS = (
 TRUNCATION = ("prompt", "drop", "split")
 
 DEFAULT_INSTRUCTION_TEMPLATE = (
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
+    "### Instruction: {instruction}\n### Input: {input}\n### Response: {output}"
 )
-DEFAULT_INSTRUCTION_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n{output}"
+DEFAULT_INSTRUCTION_TEMPLATE_NO_INPUT = "### Instruction: {instruction}\n### Response: {output}"
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user"}
 
 Span = tuple  # (str | list[int], is_target: bool)
@@ -111,10 +113,26 @@ def _encode_text(tokenizer, text: str) -> list[int]:
     return ids
 
 
+def _space_to_target(spans: Sequence[Span]) -> list[Span]:
+    """Moves the spaces that end a prompt span onto the target text span after it.
+
+    "Response: " + "word" would encode the space alone and "word" without its word-start marker;
+    "Response:" + " word" encodes like the same word inside text (see the module docstring).
+    """
+    out = list(spans)
+    for i in range(len(out) - 1):
+        (piece, is_target), (nxt, nxt_target) = out[i], out[i + 1]
+        if isinstance(piece, str) and isinstance(nxt, str) and not is_target and nxt_target:
+            stripped = piece.rstrip(" ")
+            if stripped != piece and nxt and not nxt[0].isspace():
+                out[i], out[i + 1] = (stripped, False), (piece[len(stripped) :] + nxt, True)
+    return out
+
+
 def _encode_spans(tokenizer, spans: Sequence[Span]) -> tuple[list[int], list[int], int]:
     """Concatenates encoded spans. Returns (tokens, loss_mask, index of the first target token)."""
     tokens, mask, first_target = [], [], -1
-    for piece, is_target in spans:
+    for piece, is_target in _space_to_target(spans):
         ids = _encode_text(tokenizer, piece) if isinstance(piece, str) else list(piece)
         if not ids:
             continue
@@ -230,11 +248,11 @@ def chat_spans(messages, tokenizer, template=None, *, add_generation_prompt=Fals
         spans = [(bos, False)]
         for m in messages:
             if m["role"] == "assistant":
-                spans += [("<|assistant|>\n", False), (m["content"], True), (eos, True)]
+                spans += [("<|assistant|> ", False), (m["content"], True), (eos, True)]
             else:
-                spans.append((f"<|{m['role']}|>\n{m['content']}\n", False))
+                spans.append((f"<|{m['role']}|> {m['content']}\n", False))
         if add_generation_prompt:
-            spans.append(("<|assistant|>\n", False))
+            spans.append(("<|assistant|> ", False))
         return spans
 
     def render(msgs, gen):
@@ -286,6 +304,9 @@ def encode_prompt(record: dict, fmt: str, tokenizer, *, template=None) -> list[i
         spans = _prompt_spans(record, fmt, tokenizer, template)
     else:
         raise FFTError(f"encode_prompt: format {fmt!r} has no prompt")
+    # Training moved a prompt's final space onto the response; the model generates it.
+    if spans and isinstance(spans[-1][0], str):
+        spans = [*spans[:-1], (spans[-1][0].rstrip(" "), spans[-1][1])]
     return _encode_spans(tokenizer, spans)[0]
 
 

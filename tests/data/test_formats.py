@@ -27,8 +27,10 @@ def test_instruction_default_template_mask(tokenizer):
     rec = {"instruction": "add one two", "input": "three", "output": "the answer"}
     ex = encode_record(rec, "instruction", tokenizer, max_len=128)
     full = tokenizer.decode(ex["tokens"])
-    assert full == "### Instruction:\nadd one two\n\n### Input:\nthree\n\n### Response:\nthe answer"
-    assert _target_text(tokenizer, ex) == "the answer"
+    assert full == "### Instruction: add one two\n### Input: three\n### Response: the answer"
+    # The space before the answer is the answer's (its first word keeps its word-start marker).
+    assert _target_text(tokenizer, ex) == " the answer"
+    assert ex["tokens"][-3:-1] == tokenizer.encode(" the answer")
     assert ex["tokens"][-1] == tokenizer.eos_id and ex["loss_mask"][-1] == 1
     # The prompt used for generation is exactly the unmasked prefix.
     prompt = encode_prompt(rec, "instruction", tokenizer)
@@ -44,7 +46,7 @@ def test_instruction_custom_template_and_train_on_prompt(tokenizer):
     tpl = "Q: {instruction}{input}\nA: {output} ."
     ex = encode_record(rec, "instruction", tokenizer, max_len=64, template=tpl)
     assert tokenizer.decode(ex["tokens"]) == "Q: red {blue}\nA: green ."
-    assert _target_text(tokenizer, ex) == "green ."
+    assert _target_text(tokenizer, ex) == " green ."
     ex = encode_record(
         rec, "instruction", tokenizer, max_len=64, template=tpl, train_on_prompt=True
     )
@@ -69,11 +71,11 @@ CHAT = [
 
 def test_chat_default_format_every_assistant_turn(tokenizer):
     ex = encode_record({"messages": CHAT[:3]}, "chat", tokenizer, max_len=128)
-    assert _target_text(tokenizer, ex) == "two"  # eos is a target too; decode drops it
+    assert _target_text(tokenizer, ex) == " two"  # eos is a target too; decode drops it
     targets = [t for t, m in zip(ex["tokens"], ex["loss_mask"], strict=True) if m]
     assert targets[-1] == tokenizer.eos_id
     multi = encode_record({"messages": CHAT}, "chat", tokenizer, max_len=128)
-    assert _target_text(tokenizer, multi) == "twofour"
+    assert _target_text(tokenizer, multi) == " two four"
     assert (
         sum(
             1
@@ -105,7 +107,7 @@ def test_chat_jinja_template(tokenizer):
     assert ex["tokens"][0] == tokenizer.bos_id  # '<s>' in the rendered text maps to the bos id
     eos_positions = [i for i, t in enumerate(ex["tokens"]) if t == tokenizer.eos_id]
     assert len(eos_positions) == 2 and all(ex["loss_mask"][i] for i in eos_positions)
-    assert _target_text(tokenizer, ex) == "twofour"
+    assert _target_text(tokenizer, ex) == " two four"
     assert (
         tokenizer.decode(ex["tokens"])
         == "[system] be brief\n[user] one\n[A] two[user] three\n[A] four"
@@ -130,7 +132,7 @@ def test_truncation_cuts_prompt_first_or_drops(tokenizer):
     assert encode_record(rec, "prompt_completion", tokenizer, max_len=12, truncation="drop") is None
     long_chat = {"messages": [{"role": "user", "content": "red " * 40}] + CHAT[1:3]}
     ex = encode_record(long_chat, "chat", tokenizer, max_len=20)
-    assert len(ex["tokens"]) == 20 and _target_text(tokenizer, ex) == "two"
+    assert len(ex["tokens"]) == 20 and _target_text(tokenizer, ex) == " two"
 
 
 def test_preference_ranking_classification(tokenizer):
@@ -146,7 +148,7 @@ def test_preference_ranking_classification(tokenizer):
     pref = encode_record(
         {"prompt": chat_prompt, "chosen": "a", "rejected": "b"}, "preference", tokenizer, max_len=32
     )
-    assert tokenizer.decode(pref["chosen_tokens"]) == "<|user|>\none\n<|assistant|>\na"
+    assert tokenizer.decode(pref["chosen_tokens"]) == "<|user|> one\n<|assistant|> a"
     rank = encode_record(
         {"prompt": "q", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]},
         "ranking",

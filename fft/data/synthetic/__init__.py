@@ -138,7 +138,7 @@ class World:
     @staticmethod
     def prompt_text(record: dict) -> str:
         """The prompt of an instruction record:
-        "### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n"."""
+        "### Instruction: {instruction}\\n### Input: {input}\\n### Response: "."""
         return prompt_text(record)
 
     # -- preferences ---------------------------------------------------------------------------

@@ -16,6 +16,11 @@ exact match is well defined and every output can be recomputed. Tasks:
 Inputs are short (outputs <= 12 words). Each task has training phrasings of its instruction and
 held-out test phrasings (`TEMPLATES[task] = (train, test)`); the test split also gets fresh inputs
 (an input's split is fixed by a hash of `task + input`, so train and test inputs never overlap).
+A test phrasing is a sentence never seen in training that keeps the task's key word from the
+training phrasings ("Write the words in reverse order." for "Reverse the words."): the base
+models here are pretrained on the synthetic language, not English, so they cannot know that
+"opposite" means "reverse" — the held-out phrasings test that tuning generalises beyond the
+memorised instruction strings, not English synonyms.
 
 `PROMPT_TEMPLATE` is the Alpaca-style prompt used for preference data and `World.prompt_text`.
 """
@@ -28,7 +33,8 @@ from ._common import check_split, make_rng, split_of
 from .grammar import Grammar
 from .lexicon import make_word, plural, third_person
 
-PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+# The prompt part of fft.data.formats.DEFAULT_INSTRUCTION_TEMPLATE (see its docstring).
+PROMPT_TEMPLATE = "### Instruction: {instruction}\n### Input: {input}\n### Response: "
 
 # task -> (training phrasings, held-out test phrasings)
 TEMPLATES = {
@@ -50,7 +56,7 @@ TEMPLATES = {
             "List the words from last to first.",
             "Put the words in reverse.",
         ),
-        ("Give the words in the opposite order.", "Flip the word order."),
+        ("Write the words in reverse order.", "Give the words backwards, please."),
     ),
     "sort": (
         (
@@ -60,7 +66,7 @@ TEMPLATES = {
             "Arrange the words from a to z.",
             "Alphabetize the words.",
         ),
-        ("Order the words as in a dictionary.", "List the words sorted by spelling."),
+        ("Put the words in sorted order.", "Order the words alphabetically."),
     ),
     "count": (
         (
@@ -70,7 +76,7 @@ TEMPLATES = {
             "Count how many words the input has.",
             "What is the word count?",
         ),
-        ("Tell me the number of words in the input.", "How long is the input in words?"),
+        ("Tell me the number of words in the input.", "What is the count of the words?"),
     ),
     "occurrences": (
         (
@@ -80,7 +86,7 @@ TEMPLATES = {
             "Count the word in the text.",
             "How often is the word used?",
         ),
-        ("Find how many times the given word is in the text.", "Tally the word in the text."),
+        ("Find how many times the given word is in the text.", "Count each time the word occurs."),
     ),
     "arithmetic": (
         (
@@ -90,7 +96,7 @@ TEMPLATES = {
             "Solve the sum.",
             "Work out the value.",
         ),
-        ("Evaluate the expression.", "Give the value of the expression."),
+        ("Calculate the value.", "What is the result of the sum?"),
     ),
     "extract": (
         (
@@ -100,7 +106,7 @@ TEMPLATES = {
             "Give the value of the named field.",
             "Look up the field in the record.",
         ),
-        ("Return the record's value for the given field.", "Which value has the field?"),
+        ("Return the value of the requested field.", "Which value has the field in the record?"),
     ),
     "uppercase": (
         (
@@ -110,7 +116,7 @@ TEMPLATES = {
             "Make every letter a capital.",
             "Shout the words.",
         ),
-        ("Change all letters to uppercase.", "Rewrite the input in all caps."),
+        ("Change all letters to uppercase.", "Rewrite the input in capital letters."),
     ),
     "copy": (
         (
@@ -120,7 +126,7 @@ TEMPLATES = {
             "Echo the words.",
             "Write the input unchanged.",
         ),
-        ("Return the input as it is.", "Reproduce the text word for word."),
+        ("Copy the input exactly.", "Repeat the text unchanged."),
     ),
     "first_word": (
         (
@@ -130,7 +136,7 @@ TEMPLATES = {
             "Which word comes first?",
             "Name the first word.",
         ),
-        ("Tell me the opening word.", "Output only the word at the start."),
+        ("Tell me the first word.", "Output only the first word of the input."),
     ),
     "last_word": (
         (
@@ -140,7 +146,7 @@ TEMPLATES = {
             "Which word comes last?",
             "Name the final word.",
         ),
-        ("Tell me the closing word.", "Output only the word at the end."),
+        ("Tell me the last word.", "Output only the final word of the input."),
     ),
     "max": (
         (
@@ -150,7 +156,7 @@ TEMPLATES = {
             "Which number is the highest?",
             "Return the maximum of the numbers.",
         ),
-        ("Pick the greatest of the numbers.", "Name the top value in the list."),
+        ("Pick the largest of the numbers.", "Name the highest number in the list."),
     ),
     "dedupe": (
         (
@@ -160,7 +166,7 @@ TEMPLATES = {
             "Drop words that were already said.",
             "Remove duplicates from the words.",
         ),
-        ("Write each distinct word once, in order.", "Strip out the repeats."),
+        ("Write each word only once.", "Strip out the duplicates."),
     ),
     "plural": (
         (
@@ -170,7 +176,7 @@ TEMPLATES = {
             "Write the plural of each word.",
             "Turn the nouns into plurals.",
         ),
-        ("Change every word to its plural.", "What are the plurals?"),
+        ("Change every word to its plural.", "What are the plural forms?"),
     ),
     "longest": (
         (
@@ -180,7 +186,7 @@ TEMPLATES = {
             "Which word has the most letters?",
             "Return the longest word.",
         ),
-        ("Name the word with the most letters.", "Pick out the lengthiest word."),
+        ("Name the word with the most letters.", "Pick out the longest of the words."),
     ),
 }
 TASKS = tuple(TEMPLATES)
@@ -188,11 +194,11 @@ FIELDS = ("name", "city", "age", "color", "job", "pet")
 
 # Chat follow-ups that act on the assistant's previous answer: (task, (train, test phrasings)).
 FOLLOW_UPS = {
-    "reverse": (("Now reverse that.", "Reverse your answer."), ("Flip it around.",)),
+    "reverse": (("Now reverse that.", "Reverse your answer."), ("Reverse it now.",)),
     "sort": (("Now sort that alphabetically.", "Sort your answer."), ("Alphabetize that.",)),
-    "uppercase": (("Now in capital letters.", "Uppercase that."), ("Say it in all caps.",)),
+    "uppercase": (("Now in capital letters.", "Uppercase that."), ("Put it in capital letters.",)),
     "count": (("How many words is that?", "Count those words."), ("Count your answer.",)),
-    "first_word": (("What is its first word?",), ("Which word opens it?",)),
+    "first_word": (("What is its first word?",), ("Which is its first word?",)),
 }
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
@@ -365,7 +371,8 @@ class Instructions:
                     answer = self.apply(task, answer)
                 else:
                     rec = self.record(rng.choice(TASKS), split, rng)
-                    user, answer = f"{rec['instruction']}\n\n{rec['input']}", rec["output"]
+                    # "Input: " keeps the first input word after a space (see fft.data.formats).
+                    user, answer = f"{rec['instruction']}\nInput: {rec['input']}", rec["output"]
                 msgs += [dict(role="user", content=user), dict(role="assistant", content=answer)]
             out.append(dict(messages=msgs))
         return out

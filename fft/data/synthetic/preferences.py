@@ -28,7 +28,7 @@ from .instructions import PROMPT_TEMPLATE, TASKS, Instructions
 
 def prompt_text(record: dict) -> str:
     """The prompt of an instruction record, in `PROMPT_TEMPLATE` (Alpaca style):
-    "### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n"."""
+    "### Instruction: {instruction}\\n### Input: {input}\\n### Response: "."""
     return PROMPT_TEMPLATE.format(instruction=record["instruction"], input=record["input"])
 
 
