@@ -13,12 +13,6 @@ Besides grammatical sentences, ~10% of general sentences are polarity statements
 sentiment adjective next to an anchor ("The glorful vanu was here, and everyone was happy."),
 which is what lets a backbone pretrained on the general corpus classify reviews that use
 sentiment words it never saw labelled.
-
-Documents also repeat themselves the way real text does (a quoted sentence said again, a list
-of words read back): half of them end with a verbatim repeat of one of their sentences or of a
-word list. Without it a small model never learns to copy from its context (it has no induction
-heads: a document's second occurrence is no easier to predict than its first), and every
-instruction task that moves input words into the answer is then out of reach.
 """
 
 from __future__ import annotations
@@ -193,10 +187,6 @@ _TEMPLATE_ANCHOR = (0, 1, 2, 3, 2, 0)  # which ANCHOR_SLOTS entry each template 
 assert set(POLARITY_ANCHORS) == set(ANCHOR_SLOTS)
 
 
-# Frames of a repeated sentence S (see the module docstring).
-REPEAT_FRAMES = ("To repeat: {S}", "Again: {S}", "{NAME} wrote: {S}", "As {NAME} said: {S}")
-
-
 class Grammar:
     """General-language generator over a `Lexicon`: sentences, polarity statements, documents."""
 
@@ -231,20 +221,9 @@ class Grammar:
         return join_tokens(self.sentence_tokens(rng, topic))
 
     def document(self, rng: random.Random, n_sentences: tuple[int, int] = (3, 6)) -> str:
-        """A document of a few sentences on one topic; half end with a verbatim repeat."""
+        """A document of a few sentences on one topic."""
         topic = rng.randrange(N_TOPICS)
-        sentences = [self.sentence(rng, topic) for _ in range(rng.randint(*n_sentences))]
-        r = rng.random()
-        if r < 0.25:  # a sentence said again
-            frame = rng.choice(REPEAT_FRAMES)
-            sentences.append(frame.format(NAME=rng.choice(self.lex.names), S=rng.choice(sentences)))
-        elif r < 0.5:  # a list of words, read back (sometimes backwards)
-            words = [self._noun(rng, topic) for _ in range(rng.randint(2, 7))]
-            back = rng.random() < 0.3
-            sentences.insert(rng.randrange(len(sentences)), f"The list: {' '.join(words)}.")
-            again = " ".join(reversed(words)) if back else " ".join(words)
-            sentences.append(f"{'Backwards' if back else 'Again'}: {again}.")
-        return " ".join(sentences)
+        return " ".join(self.sentence(rng, topic) for _ in range(rng.randint(*n_sentences)))
 
     def corpus(self, n_docs: int, split: str = "train") -> list[str]:
         """`n_docs` general documents; train and test are disjoint by hash bucket (see _common)."""
