@@ -52,13 +52,34 @@ def _is_main() -> bool:
 # =============================================================================================
 
 
+def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_settings(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 def _write_run_files(config, workdir, tokenizer, model_config):
     if not _is_main():
         return
     os.makedirs(workdir, exist_ok=True)
     to_json = getattr(config, "to_json_best_effort", None)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(to_json(indent=2) if to_json else json.dumps(dict(config), indent=2, default=str))
+    text = to_json(indent=2) if to_json else json.dumps(dict(config), indent=2, default=str)
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        # A restart with other settings resumes all the same (changing e.g. mixture weights or
+        # steps on resume is legitimate); say what changed so an accidental change is seen.
+        with open(path) as f:
+            changed = _changed_settings(json.load(f), json.loads(text))
+        if changed:
+            print("Resuming with changed settings: " + "; ".join(changed[:10]), flush=True)
+    with open(path, "w") as f:
+        f.write(text)
     if model_config is not None:
         with open(os.path.join(workdir, "model.json"), "w") as f:
             json.dump(model_config.to_dict(), f, indent=2)

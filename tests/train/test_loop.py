@@ -59,3 +59,11 @@ def test_nan_guard_stops_naming_the_step(tmp_path):
         train(cfg, str(tmp_path), method="toy", build_model=build(), loss_fn=poisoned_loss,
               train_data=Poisoned(8))  # fmt: skip
     assert jnp.isfinite(0.0)
+
+
+def test_changed_settings_on_resume_are_named():
+    from fft.train.loop import _changed_settings
+
+    old = {"batch_size": 16, "optim": {"lr": 1e-3, "b1": 0.9}, "steps": 10}
+    new = {"batch_size": 8, "optim": {"lr": 1e-3, "b1": 0.9}, "steps": 10, "seed": 1}
+    assert _changed_settings(old, new) == ["batch_size: 16 -> 8", "seed: None -> 1"]
