@@ -74,8 +74,11 @@ def _write_run_files(config, workdir, tokenizer, model_config):
     if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
         # A restart with other settings resumes all the same (changing e.g. mixture weights or
         # steps on resume is legitimate); say what changed so an accidental change is seen.
-        with open(path) as f:
-            changed = _changed_settings(json.load(f), json.loads(text))
+        try:
+            with open(path) as f:
+                changed = _changed_settings(json.load(f), json.loads(text))
+        except ValueError:  # an unreadable old config.json only loses the comparison
+            changed = []
         if changed:
             print("Resuming with changed settings: " + "; ".join(changed[:10]), flush=True)
     with open(path, "w") as f:
