@@ -74,6 +74,8 @@ def summarize(eras_rows, n):
 def main_(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    p.add_argument("--work", default=os.path.join(here, "work"), help="fft workdirs (git-ignored)")
     p.add_argument("--base", default="fft:tiny")
     p.add_argument("--eras", type=int, default=4)
     p.add_argument("--steps_per_era", type=int, default=100)
@@ -90,7 +92,7 @@ def main_(argv=None):
         name = f"rewarm_replay{int(round(r * 100))}"
         c = base_config(args)
         c.continual.replay = r
-        wd = os.path.join(args.out, name)
+        wd = os.path.join(args.work, name)
         if not os.path.exists(os.path.join(wd, "results.json")):
             main.run(c, wd)
         rows[name] = json.load(open(os.path.join(wd, "results.json")))["eras"]
@@ -98,9 +100,9 @@ def main_(argv=None):
     c = base_config(args)
     c.continual.replay = 0.0
     c.optim.schedule = "warmup_cosine"
-    c.continual.stream_dir = os.path.join(args.out, "joint_stream")
+    c.continual.stream_dir = os.path.join(args.work, "joint_stream")
     write_joint_stream(c.continual.stream_dir, args)
-    wd = os.path.join(args.out, "joint")
+    wd = os.path.join(args.work, "joint")
     if not os.path.exists(os.path.join(wd, "results.json")):
         main.run(c, wd)
     rows["joint (all data, 1 cycle)"] = json.load(open(os.path.join(wd, "results.json")))["eras"]
@@ -118,6 +120,7 @@ def main_(argv=None):
         lines.append(f"| {k} | " + " | ".join(f"{s[c]:.3f}" for c in cols) + " |")
     table = "\n".join(lines)
     print(table)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -76,6 +76,8 @@ def probe_accuracy(source, train, test):
 def main_(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    p.add_argument("--work", default=os.path.join(here, "work"), help="fft workdirs (git-ignored)")
     p.add_argument("--base", default="fft:tiny")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--quick", action="store_true", help="fft:micro, 60 steps, seq 64")
@@ -94,7 +96,7 @@ def main_(argv=None):
             5,
         )
         c.domain.eval_docs = 60
-    wd = os.path.join(args.out, "dapt")
+    wd = os.path.join(args.work, "dapt")
     if not os.path.exists(os.path.join(wd, "results.json")):
         main.run(c, wd)
     res = json.load(open(os.path.join(wd, "results.json")))

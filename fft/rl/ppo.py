@@ -21,6 +21,7 @@ resumed run continues with identical batches.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -106,6 +107,40 @@ def make_loss_fn(
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=("kl_estimator", "gamma", "lam", "whiten", "group_size", "grpo_normalize"),
+)
+def _advantages(
+    logp,
+    ref,
+    values,
+    scores,
+    m,
+    kl_coef,
+    *,
+    kl_estimator,
+    gamma,
+    lam,
+    whiten,
+    group_size,
+    grpo_normalize,
+):
+    """The numeric core of `prepare`, one compiled call (a rollout's shapes are fixed, so it
+    compiles once): (advantages, returns, values, sequence KL), each masked to the response."""
+    values = values * m
+    if group_size > 1:
+        adv_b = adv_lib.group_relative(scores, group_size, normalize=grpo_normalize)
+        advantages, returns, values = adv_b[:, None] * m, jnp.zeros_like(m), jnp.zeros_like(m)
+    else:
+        kl_tok = kl_lib.kl_penalty(logp, ref, kl_estimator) * m
+        rewards = adv_lib.terminal_rewards(scores, m) - kl_coef * kl_tok
+        advantages, returns = adv_lib.gae(rewards, values, m, gamma=gamma, lam=lam)
+        if whiten:
+            advantages = adv_lib.whiten(advantages, m)
+    return advantages, returns, values, (kl_lib.kl_k1(logp, ref) * m).sum(1)
+
+
 def prepare(
     ro: rollout_lib.Rollout,
     *,
@@ -135,21 +170,22 @@ def prepare(
       (batch with the Batch fields + PPO_FIELDS as numpy, stats of scalar floats).
     """
     p = ro.prompt_len
-    m = jnp.asarray(ro.batch["loss_mask"][:, p:])
+    m = jnp.asarray(ro.batch["loss_mask"][:, p:], jnp.float32)
     logp, ref = jnp.asarray(ro.logp[:, p:]), jnp.asarray(ro.ref_logp[:, p:])
-    values = jnp.asarray(ro.values[:, p:]) * m
-    scores = jnp.asarray(ro.scores)
-    kl_tok = kl_lib.kl_penalty(logp, ref, kl_estimator) * m
-    if group_size > 1:
-        adv_b = adv_lib.group_relative(scores, group_size, normalize=grpo_normalize)
-        advantages = adv_b[:, None] * m
-        returns = jnp.zeros_like(m)
-        values = jnp.zeros_like(m)
-    else:
-        rewards = adv_lib.terminal_rewards(scores, m) - kl_coef * kl_tok
-        advantages, returns = adv_lib.gae(rewards, values, m, gamma=gamma, lam=lam)
-        if whiten:
-            advantages = adv_lib.whiten(advantages, m)
+    advantages, returns, values, seq_kl = _advantages(
+        logp,
+        ref,
+        jnp.asarray(ro.values[:, p:]),
+        jnp.asarray(ro.scores, jnp.float32),
+        m,
+        jnp.float32(kl_coef),
+        kl_estimator=kl_estimator,
+        gamma=gamma,
+        lam=lam,
+        whiten=whiten,
+        group_size=group_size,
+        grpo_normalize=grpo_normalize,
+    )
 
     def full(x_bn):  # [B, N] response view -> [B, P+N] token-aligned
         return np.pad(np.asarray(x_bn, np.float32), ((0, 0), (p, 0)))
@@ -162,7 +198,7 @@ def prepare(
         returns=full(returns),
         values=full(values),
     )
-    seq_kl = np.asarray(kl_lib.kl_k1(logp, ref) * m).sum(1)  # sequence KL (k1 summed)
+    seq_kl = np.asarray(seq_kl)
     lengths = np.asarray(m).sum(1)
     stats = {
         "reward": float(np.mean(ro.scores)),
