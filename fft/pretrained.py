@@ -99,9 +99,20 @@ def read_fft_params(workdir: str) -> dict[str, np.ndarray]:
 def read_raw_params(workdir: str) -> dict[str, np.ndarray]:
     """Like `read_fft_params`, but LoRA adapters are kept as `X.lora_a` / `X.lora_b`."""
     import orbax.checkpoint as ocp
+    from etils import epath
 
-    item = latest_checkpoint(workdir)
-    tree = ocp.PyTreeCheckpointer().restore(item)
+    item = os.path.abspath(latest_checkpoint(workdir))
+    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item))
+    meta = getattr(meta, "tree", meta)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        # Weights only, as host numpy arrays: no optimizer state, no device shardings to guess.
+        want = {p: meta[p] for p in ("params", "frozen") if meta.get(p)}
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), want)
+        structure = jax.tree.map(lambda _: np.zeros(()), want)
+        tree = ckptr.restore(
+            item,
+            args=ocp.args.PyTreeRestore(item=structure, restore_args=args, partial_restore=True),
+        )
     flat: dict[str, np.ndarray] = {}
     for part in ("params", "frozen"):
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree.get(part, {})):
