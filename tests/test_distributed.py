@@ -219,6 +219,9 @@ def test_two_processes_match_one_and_checkpoints_cross(tmp_path, monkeypatch):
     np.testing.assert_allclose([resumed[5], resumed[6]], [one_losses[5], one_losses[6]], rtol=1e-5)
     with open(os.path.join(two, "results.json")) as f:
         assert json.load(f)["steps"] == 6
+    # Each process's data position is in the checkpoint (gathered to the primary host).
+    with open(os.path.join(two, "checkpoints", "6", "data", "metadata")) as f:
+        assert json.load(f)["data_by_process"] == [{"step": 6}, {"step": 6}]
 
     # Written by two processes -> restored in one, resharded (fsdp=8 -> data=2 x fsdp=4).
     _assert_same_params(_restore_params(two, 6, (2, 4, 1)), _restore_params(one, 6, (1, 8, 1)))

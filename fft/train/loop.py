@@ -43,6 +43,46 @@ def _cfg(config, dotted: str, default=None):
     return default if node is None else node
 
 
+def _gather_data_states(local: Any) -> list:
+    """Every process's data-iterator state, in process order (each host reads its own rows,
+    so each has its own position; the checkpoint's JSON is written by the primary host only)."""
+    if jax.process_count() == 1:
+        return [local]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([raw.size], np.int32))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: raw.size] = raw
+    rows = multihost_utils.process_allgather(padded)
+    return [
+        json.loads(bytes(r[: int(n)]).decode())
+        for r, n in zip(rows, lengths.reshape(-1), strict=True)
+    ]
+
+
+def _own_data_state(saved: dict) -> Any:
+    """This process's entry of a checkpoint's data states (see `_gather_data_states`).
+
+    A run resumed on another number of processes can continue only when every saved entry is
+    the same (a position in the global stream, e.g. a step count); per-host positions cannot be
+    re-split, and that is an error naming the fix.
+    """
+    if "data_by_process" not in saved:
+        return saved.get("data")  # checkpoints written before per-process states
+    states = saved["data_by_process"]
+    if len(states) == jax.process_count():
+        return states[jax.process_index()]
+    if all(s == states[0] for s in states):
+        return states[0]
+    raise ConfigError(
+        f"the checkpoint holds the data positions of {len(states)} processes, which differ, "
+        f"but this run has {jax.process_count()}: resume with the same number of hosts, or "
+        "start a new workdir with --config.init_from=<this workdir> (weights only)."
+    )
+
+
 def _is_main() -> bool:
     return jax.process_index() == 0
 
@@ -133,8 +173,9 @@ def _resume_or_init(ckpt, init_fn, abstract_state, state_sh, train_data, load_we
     restored = ckpt.restore_latest(sharding.with_shardings(abstract_state, state_sh))
     if restored is not None:
         state, saved, step = restored
-        if hasattr(train_data, "set_state") and saved.get("data") is not None:
-            train_data.set_state(saved["data"])
+        data = _own_data_state(saved)
+        if hasattr(train_data, "set_state") and data is not None:
+            train_data.set_state(data)
         log.info("resumed from step %d", step)
         print(f"Resuming from checkpoint at step {step}.", flush=True)
         return state, saved.get("loop", {})
@@ -319,7 +360,7 @@ def train(
 
         def data_state():
             data = train_data.get_state() if hasattr(train_data, "get_state") else None
-            return {"data": data, "loop": {"tokens": tokens_seen}}
+            return {"data_by_process": _gather_data_states(data), "loop": {"tokens": tokens_seen}}
 
         def check_and_log(step_metrics, force=False):
             nonlocal last_train

@@ -61,7 +61,7 @@ def test_ppo_resume_mid_rollout_gives_identical_params(ppo_run, tmp_path):
     stopped = main.run(_config("smoke", steps=3, checkpoint_every=0), workdir)
     assert stopped["steps"] == 3
     with open(os.path.join(workdir, "checkpoints", "3", "data", "metadata")) as f:
-        data_state = json.load(f)["data"]
+        data_state = json.load(f)["data_by_process"][0]  # the one process
     assert data_state["buffer"] is not None  # the rollout in progress was saved
     resumed = main.run(_config("smoke", steps=4, checkpoint_every=0), workdir)
     assert resumed["steps"] == 4

@@ -67,3 +67,19 @@ def test_changed_settings_on_resume_are_named():
     old = {"batch_size": 16, "optim": {"lr": 1e-3, "b1": 0.9}, "steps": 10}
     new = {"batch_size": 8, "optim": {"lr": 1e-3, "b1": 0.9}, "steps": 10, "seed": 1}
     assert _changed_settings(old, new) == ["batch_size: 16 -> 8", "seed: None -> 1"]
+
+
+def test_data_state_is_kept_per_process():
+    from fft.config_lib import ConfigError
+    from fft.train.loop import _gather_data_states, _own_data_state
+
+    state = {"shard": 3, "offset": 17}
+    saved = {"data_by_process": _gather_data_states(state)}
+    assert saved["data_by_process"] == [state]  # one process here: its own entry
+    assert _own_data_state(saved) == state
+    assert _own_data_state({"data": state}) == state  # checkpoints of older versions
+    # Another process count: a global position (all entries equal) carries over ...
+    assert _own_data_state({"data_by_process": [state, state]}) == state
+    # ... per-host positions cannot be re-split.
+    with pytest.raises(ConfigError, match="2 processes, which differ, but this run has 1"):
+        _own_data_state({"data_by_process": [state, {"shard": 4, "offset": 0}]})
