@@ -43,6 +43,10 @@ def run(config, workdir: str) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs every checkpoint step at INFO through absl: hundreds of lines that bury
+        # the progress bar and the results table. `--verbosity=0` brings them back.
+        logging.set_verbosity(logging.WARNING)
     try:
         # Multi-host: join JAX's distributed runtime before any device is touched (a no-op for
         # a single process; see fft/distributed.py for where the settings come from).
