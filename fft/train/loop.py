@@ -19,7 +19,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fft import checkpoint as ckpt_lib
@@ -48,8 +50,6 @@ def _gather_data_states(local: Any) -> list:
     so each has its own position; the checkpoint's JSON is written by the primary host only)."""
     if jax.process_count() == 1:
         return [local]
-    import numpy as np
-    from jax.experimental import multihost_utils
 
     raw = np.frombuffer(json.dumps(local).encode(), np.uint8)
     lengths = multihost_utils.process_allgather(np.asarray([raw.size], np.int32))
