@@ -82,8 +82,14 @@ def main() -> None:
     p.add_argument("--train_steps", type=int, default=0, help="dense copy training steps")
     p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args()
-    lo, hi = (int(x) for x in args.ids.split(":"))
-    model, tokenizer = fft.load(args.model)
+    try:
+        lo, hi = (int(x) for x in args.ids.split(":"))
+    except ValueError:
+        p.error(f"--ids={args.ids!r}: expected lo:hi, e.g. 100:700")
+    try:
+        model, tokenizer = fft.load(args.model)
+    except fft.config_lib.FFTError as e:
+        sys.exit(f"fft: error: {e}")
     docs = World(0).general_corpus(40, split="test")
     train_rng = np.random.default_rng(0)
     t0 = time.time()
