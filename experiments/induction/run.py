@@ -90,6 +90,10 @@ def main() -> None:
         model, tokenizer = fft.load(args.model)
     except fft.config_lib.FFTError as e:
         sys.exit(f"fft: error: {e}")
+    if not 0 < lo < hi <= tokenizer.vocab_size:
+        sys.exit(
+            f"fft: error: --ids={args.ids}: need 0 < lo < hi <= {tokenizer.vocab_size} (vocab)"
+        )
     docs = World(0).general_corpus(40, split="test")
     train_rng = np.random.default_rng(0)
     t0 = time.time()
