@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--ids", default="100:700", help="lo:hi range of the random copy ids")
     p.add_argument("--train_steps", type=int, default=0, help="dense copy training steps")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--save", default="", help="write the trained model here (HF directory)")
     args = p.parse_args()
     try:
         lo, hi = (int(x) for x in args.ids.split(":"))
@@ -126,6 +127,11 @@ def main() -> None:
         step(model, opt, jnp.asarray(tokens), jnp.asarray(mask))
         if i % 50 == 0 or i == args.train_steps:
             report(i)
+    if args.save:
+        from fft.interop.hf import export_hf
+
+        export_hf(model, model.cfg, args.save, tokenizer)
+        print(f"saved to {args.save}")
 
 
 if __name__ == "__main__":
