@@ -50,12 +50,8 @@ def get_config(variant: str = ""):
         c.optim.lr = 2e-5
         return c
     if variant == "smoke":
-        config_lib.smoke(c)
-        c.batch_size = 8
-        c.seq_len = 128
-        c.optim.lr = 1e-3
-        c.lora.rank = 4
-        c.checkpoint_every = 0  # only at the end
+        # LoRA r=4 at lr 1e-3; checkpoint only at the end
+        config_lib.smoke(c, **config_lib.SMOKE_LORA)
         r.train_records = 64
         r.eval_pairs = 16
         return c

@@ -168,6 +168,59 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, An
     return out
 
 
+def _cast(old: Any, value: Any) -> Any:
+    """`value` (a string from a command line) as the type of the field it replaces."""
+    if not isinstance(value, str) or isinstance(old, str) or old is None:
+        return value
+    if isinstance(old, bool):
+        return value.lower() in ("1", "true", "yes")
+    return type(old)(value)
+
+
+def set_values(
+    config: ml_collections.ConfigDict, overrides: dict[str, Any], *, cast: bool = False
+) -> ml_collections.ConfigDict:
+    """Sets dotted keys (`{'optim.lr': 3e-4}`) of `config` in place and returns it.
+
+    An unknown key is a ConfigError naming the closest real one. With `cast`, string values take
+    the type of the field they replace ('3e-4' -> float), as on a command line.
+    """
+    check_overrides(config, list(overrides))
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = _cast(node[leaf], value) if cast else value
+    return config
+
+
+def load_config(path: str, variant: str = "", **overrides: Any) -> ml_collections.ConfigDict:
+    """`get_config(variant)` of the config file `path` (e.g. 'configs/rlhf.py'), with dotted
+    overrides passed as keyword arguments: `load_config(p, "smoke", **{"optim.lr": 1e-3})`."""
+    import importlib.util
+    import os
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found.")
+    name = "_fft_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant) if variant else module.get_config()
+    return set_values(config, overrides)
+
+
+# Smoke settings of the preference methods (reward model, DPO): a LoRA r=4 policy on fft:micro.
+SMOKE_LORA = {
+    "batch_size": 8,
+    "seq_len": 128,
+    "optim.lr": 1e-3,
+    "lora.rank": 4,
+    "checkpoint_every": 0,
+}
+
+
 def smoke(config: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
     """Shrinks a config for tests and notebooks: micro base, a few steps, tiny batches."""
     config.init_from = "fft:micro"
@@ -177,13 +230,7 @@ def smoke(config: ml_collections.ConfigDict, **overrides: Any) -> ml_collections
     config.optim.warmup_steps = 2
     config.checkpoint_every = 3
     config.log_every = 2
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return set_values(config, overrides)
 
 
 # Base models `fft:<name>` are built by the pretrain method from these settings. They live here

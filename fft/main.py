@@ -68,19 +68,10 @@ def entry() -> None:
         # ml_collections reports an unknown override as a KeyError deep in flag parsing; name
         # the key and the closest real one instead.
         try:
-            path = config_arg.split("=", 1)[1]
-            module_path, _, variant = path.partition(":")
-            spec = importlib.util.spec_from_file_location("_fft_config", module_path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            cfg = module.get_config(variant) if variant else module.get_config()
-            config_lib.check_overrides(cfg, keys)
+            module_path, _, variant = config_arg.split("=", 1)[1].partition(":")
+            config_lib.check_overrides(config_lib.load_config(module_path, variant), keys)
         except config_lib.FFTError as e:
             print(f"fft: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except FileNotFoundError:
-            path = config_arg.split("=", 1)[1]
-            print(f"fft: error: config file {path} not found.", file=sys.stderr)
             sys.exit(2)
     app.run(main)
 

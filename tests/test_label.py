@@ -1,7 +1,6 @@
 """fft.label: prompts and rankings files, server guards, --report, the page in Chromium."""
 
 import json
-import os
 import re
 import urllib.error
 import urllib.request
@@ -11,7 +10,6 @@ import pytest
 from fft import label
 from fft.config_lib import FFTError
 
-CHROMIUM = "/usr/bin/chromium"
 PROMPTS = ["Reverse: a b c", "Sort: 3 1 2", "Translate: dog", "Add: 2 + 2"]
 
 
@@ -160,17 +158,6 @@ def test_server_guards(serve):
 # --------------------------------------------------------------------------------------------
 # The page in a real browser
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 def _open(browser, url):

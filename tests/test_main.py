@@ -39,6 +39,19 @@ def test_missing_config_file_is_named(tmp_path):
     assert r.returncode != 0 and "configs/nope.py" in r.stderr
 
 
+def test_load_config_overrides_and_errors():
+    path = os.path.join(REPO, "configs", "rlhf.py")
+    c = config_lib.load_config(path, "smoke", **{"rlhf.kl_coef": 0.3, "steps": 7})
+    assert c.rlhf.kl_coef == 0.3 and c.steps == 7 and c.init_from == "fft:micro"
+    # Strings from a command line take the field's type.
+    config_lib.set_values(c, {"optim.lr": "3e-4", "rlhf.whiten": "false"}, cast=True)
+    assert c.optim.lr == 3e-4 and c.rlhf.whiten is False
+    with pytest.raises(config_lib.ConfigError, match="config.rlhf.kl_coef"):
+        config_lib.load_config(path, **{"rlhf.kl_coeff": 0.1})
+    with pytest.raises(config_lib.ConfigError, match="nope.py not found"):
+        config_lib.load_config(os.path.join(REPO, "configs", "nope.py"))
+
+
 def test_validation_names_the_key():
     c = config_lib.pretrain_config("micro")
     c.optim.grad_accum = 3

@@ -9,8 +9,6 @@ import pytest
 from fft import report
 from fft.config_lib import FFTError
 
-CHROMIUM = "/usr/bin/chromium"
-
 
 def write_run(workdir, *, rlhf=False, finished=True, steps=120, scale=1.0):
     """A synthetic workdir: metrics.jsonl (train/eval[/rollout]), samples.jsonl, results.json."""
@@ -120,17 +118,6 @@ def test_cli_several_workdirs(tmp_path, capsys):
     assert "lora" in page and "full" in page and "running" in page
     assert report.main([str(tmp_path / "missing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 def test_report_page_in_browser(tmp_path, browser):

@@ -15,7 +15,6 @@ Writes OUT/<variant>/ (fft workdirs), OUT/table.md and OUT/forgetting.png.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -24,15 +23,12 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from fft import main  # noqa: E402
+from fft import config_lib, main  # noqa: E402
 from fft.data.synthetic import World  # noqa: E402
 
 
 def base_config(args):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs/continual.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("")
+    c = config_lib.load_config(os.path.join(REPO, "configs/continual.py"))
     c.init_from = args.base
     c.continual.eras = args.eras
     c.steps = args.eras * args.steps_per_era

@@ -16,7 +16,6 @@ Writes OUT/dapt/ (the fft workdir), OUT/table.md and OUT/dapt.png.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -28,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 import fft  # noqa: E402
-from fft import main  # noqa: E402
+from fft import config_lib, main  # noqa: E402
 from fft.data.synthetic import World  # noqa: E402
 from fft.data.synthetic.domains import MORPHEMES  # noqa: E402
 
@@ -82,10 +81,7 @@ def main_(argv=None):
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--quick", action="store_true", help="fft:micro, 60 steps, seq 64")
     args = p.parse_args(argv)
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs/domain.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("full")
+    c = config_lib.load_config(os.path.join(REPO, "configs/domain.py"), "full")
     c.init_from, c.steps, c.checkpoint_every = args.base, args.steps, 0
     if args.quick:
         c.init_from, c.steps, c.seq_len, c.optim.lr, c.optim.warmup_steps = (

@@ -23,7 +23,6 @@ ppo_curves.png (true reward, reward-model reward and KL per rollout).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -34,27 +33,11 @@ sys.path.insert(0, REPO)  # run from a checkout without installing
 
 
 def get_config(name: str, variant: str, overrides: dict):
-    """configs/<name>.py:<variant> with dotted-key overrides applied."""
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", f"{REPO}/configs/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(variant)
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = cast(node[leaf], value)
-    return config
+    """configs/<name>.py:<variant> with dotted-key overrides (strings cast to the field's type)."""
+    from fft import config_lib
 
-
-def cast(old, value):
-    """`value` (maybe a string from the command line) as the type of the field it replaces."""
-    if not isinstance(value, str) or isinstance(old, str) or old is None:
-        return value
-    if isinstance(old, bool):
-        return value.lower() in ("1", "true", "yes")
-    return type(old)(value)
+    config = config_lib.load_config(f"{REPO}/configs/{name}.py", variant)
+    return config_lib.set_values(config, overrides, cast=True)
 
 
 def parse_overrides(text: str) -> dict:

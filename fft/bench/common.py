@@ -100,6 +100,17 @@ def peak_rss_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def emit_peak_memory(**settings) -> dict:
+    """The `peak_memory_bytes` line of a benchmark that may run a peer (in its own process)."""
+    return emit(
+        "peak_memory_bytes",
+        peak_rss_bytes(),
+        "bytes",
+        what="peak host RSS of the fft process (ru_maxrss; the peer runs in its own process)",
+        **settings,
+    )
+
+
 def _itemsize(dtype) -> int:
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return 8  # a threefry key: two uint32

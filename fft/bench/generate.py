@@ -85,13 +85,7 @@ def run_generate(args) -> None:
     )
     emit("compile_s", max(first - s["s_median"], 0.0), "s", first_call_s=first,
          what="first call minus the median call", **settings)  # fmt: skip
-    emit(
-        "peak_memory_bytes",
-        common.peak_rss_bytes(),
-        "bytes",
-        what="peak host RSS of the fft process (ru_maxrss; the peer runs in its own process)",
-        **settings,
-    )
+    common.emit_peak_memory(**settings)
     if peer is not None:
         peer.close()
         p = summary(peer_ts, units)

@@ -93,13 +93,7 @@ def run_train(args) -> None:
         formula="(6*N_params + 12*layers*seq*d_model) * tokens/s / best 2048^2 f32 matmul GFLOP/s",
         **settings,
     )
-    emit(
-        "peak_memory_bytes",
-        common.peak_rss_bytes(),
-        "bytes",
-        what="peak host RSS of the fft process (ru_maxrss; the peer runs in its own process)",
-        **settings,
-    )
+    common.emit_peak_memory(**settings)
     if peer is not None:
         peer.close()
         p = summary(peer_ts, tok)

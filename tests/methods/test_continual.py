@@ -6,7 +6,6 @@ batches, a shard added while iterating is consumed, weights honoured) and test_s
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from fft import tokenizers, zoo
+from fft import config_lib, tokenizers, zoo
 from fft.data.sources import BadRecordError
 from fft.data.synthetic import World
 from fft.methods import continual
@@ -27,17 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def smoke_config(**overrides):
-    spec = importlib.util.spec_from_file_location("continual_cfg", f"{REPO}/configs/continual.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("smoke")
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return config_lib.load_config(f"{REPO}/configs/continual.py", "smoke", **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +94,10 @@ def test_malformed_line_is_named(tmp_path, world, tokenizer):
 
 DRIVER = textwrap.dedent(
     """
-    import hashlib, importlib.util, os, sys, time
+    import hashlib, os, sys, time
     repo, workdir, block_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
     sys.path.insert(0, repo)
-    from fft import main
+    from fft import config_lib, main
     from fft.methods import continual
 
     original = continual.EraIterator.__next__
@@ -126,10 +115,8 @@ DRIVER = textwrap.dedent(
         return batch
 
     continual.EraIterator.__next__ = logged_next
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(repo, "configs/continual.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    results = main.run(mod.get_config("smoke"), workdir)
+    config = config_lib.load_config(os.path.join(repo, "configs/continual.py"), "smoke")
+    results = main.run(config, workdir)
     print("DONE", sorted(results.get("eras", {})), flush=True)
     """
 )

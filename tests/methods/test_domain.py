@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fft import pretrained, tokenizers
+from fft import config_lib, pretrained, tokenizers
 from fft.data.synthetic import World
 from fft.methods import domain
 from fft.models import presets
@@ -78,12 +78,8 @@ def test_vocab_extension_keeps_old_outputs(world, tied):
 def test_domain_smoke_run(tmp_path):
     from fft import main
 
-    spec = __import__("importlib").util.spec_from_file_location(
-        "domain_cfg", os.path.join(REPO, "configs", "domain.py")
-    )
-    mod = __import__("importlib").util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config("smoke")  # fft:micro + vocabulary extension
+    # fft:micro + vocabulary extension
+    config = config_lib.load_config(os.path.join(REPO, "configs", "domain.py"), "smoke")
     results = main.run(config, str(tmp_path))
 
     for split in ("before", "after"):

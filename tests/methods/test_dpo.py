@@ -1,23 +1,19 @@
 """DPO end to end on smoke settings through `fft.main.run`, plus the ranking -> pairs recipe and
 the reference log-probs cache."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 
-from fft import main
+from fft import config_lib, main
 from fft.methods import dpo
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def _config(variant):
-    spec = importlib.util.spec_from_file_location("dpo_cfg", os.path.join(ROOT, "configs/dpo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return config_lib.load_config(os.path.join(ROOT, "configs/dpo.py"), variant)
 
 
 def test_ranking_to_pairs():

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import fft
-from fft import main, tokenizers, zoo
+from fft import config_lib, main, tokenizers, zoo
 from fft.methods import instruction
 from fft.models import presets
 from fft.models.transformer import Transformer
@@ -23,12 +23,7 @@ CONFIG = os.path.join(REPO, "configs", "instruction.py")
 
 
 def _get_config(variant="smoke"):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("instruction_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return config_lib.load_config(CONFIG, variant)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
 """Reward model end to end on smoke settings through `fft.main.run`; the trained workdir loads
 back as a reward model and scores sequences."""
 
-import importlib.util
 import os
 
 import numpy as np
 
-from fft import main
+from fft import config_lib, main
 from fft.data.synthetic import World
 from fft.rl import rewards
 from fft.rl.rollout import encode_prompts
@@ -15,11 +14,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def _config(variant):
-    path = os.path.join(ROOT, "configs/reward.py")
-    spec = importlib.util.spec_from_file_location("reward_cfg", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return config_lib.load_config(os.path.join(ROOT, "configs/reward.py"), variant)
 
 
 def test_reward_smoke_and_load(tmp_path):

@@ -2,30 +2,19 @@
 `fft.main.run`, and resume mid-PPO (mid-rollout, from the checkpointed rollout buffer) giving
 params identical to an uninterrupted run."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
-from fft import main, pretrained
+from fft import config_lib, main, pretrained
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def _config(variant, **overrides):
-    spec = importlib.util.spec_from_file_location("rlhf_cfg", os.path.join(ROOT, "configs/rlhf.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(variant)
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return config_lib.load_config(os.path.join(ROOT, "configs/rlhf.py"), variant, **overrides)
 
 
 def _train_lines(workdir):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fft import main, zoo
+from fft import config_lib, main, zoo
 from fft.eval import classification as cls
 from fft.methods import transfer
 from fft.train import optim
@@ -20,17 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _config(variant="smoke", **overrides):
-    spec = importlib.util.spec_from_file_location("transfer_cfg", ROOT / "configs" / "transfer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(variant)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return config_lib.load_config(str(ROOT / "configs" / "transfer.py"), variant, **overrides)
 
 
 # ---------------------------------------------------------------------------------------------
