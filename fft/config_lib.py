@@ -7,6 +7,8 @@ No jax import here: configs and `fft.main` flag parsing must stay cheap.
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -198,9 +200,6 @@ def set_values(
 def load_config(path: str, variant: str = "", **overrides: Any) -> ml_collections.ConfigDict:
     """`get_config(variant)` of the config file `path` (e.g. 'configs/rlhf.py'), with dotted
     overrides passed as keyword arguments: `load_config(p, "smoke", **{"optim.lr": 1e-3})`."""
-    import importlib.util
-    import os
-
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} not found.")
     name = "_fft_config_" + os.path.splitext(os.path.basename(path))[0]
