@@ -130,7 +130,10 @@ def main() -> None:
     if args.save:
         from fft.interop.hf import export_hf
 
-        export_hf(model, model.cfg, args.save, tokenizer)
+        try:
+            export_hf(model, model.cfg, args.save, tokenizer)
+        except OSError as e:
+            sys.exit(f"fft: error: --save={args.save}: cannot write there ({e.strerror})")
         print(f"saved to {args.save}")
 
 
