@@ -7,6 +7,7 @@ and cast to the compute `dtype` at use; norms, softmax and logits are computed i
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -43,6 +44,38 @@ def activation(name: str):
 # ---------------------------------------------------------------------------------------------
 # Linear (with optional LoRA) and Embed
 # ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    """`tensordot(x, w, n_in)` whose weight gradient is one dot with no transposed activations.
+
+    JAX's own transpose rule forms the weight gradient as `transpose(dot(dy, x))`; XLA:CPU
+    canonicalises that dot by copying `dy` into a transposed layout first, a strided copy that
+    cost ~40 ms per MLP projection per step on the 20m model (more than the matmul it feeds).
+    Contracting `x` and `dy` over their leading (token) axes directly, `dot(x, dy) -> [in, out]`,
+    lets the matmul read both operands as they are: +21-25% train tokens/s on the 20m model
+    (same loss, `python -m fft.bench train`). Forward and values are exactly `tensordot`.
+    """
+    return jnp.tensordot(x, w, axes=n_in)
+
+
+def _dense_fwd(x, w, n_in):
+    return jnp.tensordot(x, w, axes=n_in), (x, w)
+
+
+def _dense_bwd(n_in, res, dy):
+    x, w = res
+    n_batch, n_out = x.ndim - n_in, w.ndim - n_in
+    out_dy = tuple(range(n_batch, n_batch + n_out))
+    out_w = tuple(range(n_in, n_in + n_out))
+    dx = jax.lax.dot_general(dy, w, ((out_dy, out_w), ((), ())))
+    lead = tuple(range(n_batch))
+    dw = jax.lax.dot_general(x, dy, ((lead, lead), ((), ())))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class Linear(nnx.Module):
@@ -86,7 +119,7 @@ class Linear(nnx.Module):
     def __call__(self, x):
         n_in = len(self.in_shape)
         x = x.astype(self.dtype)
-        y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=n_in)
+        y = dense(x, self.kernel[...].astype(self.dtype), n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.has_lora():
@@ -122,9 +155,7 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x_btd):
-        return jnp.einsum(
-            "btd,vd->btv", x_btd.astype(self.dtype), self.embedding[...].astype(self.dtype)
-        )
+        return dense(x_btd.astype(self.dtype), self.embedding[...].astype(self.dtype).T, 1)
 
 
 # ---------------------------------------------------------------------------------------------

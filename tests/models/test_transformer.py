@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from models_testlib import FAMILIES, decode, forward, hidden, tokens
 
-from fft.models.layers import rope_inv_freq
+from fft.models.layers import dense, rope_inv_freq
 from fft.models.transformer import Transformer
 
 B, T = 2, 12
@@ -31,6 +31,25 @@ def _randomize_norms(model, seed=1):
 
 def _model(cfg, seed=0):
     return _randomize_norms(Transformer(cfg, rngs=nnx.Rngs(seed)))
+
+
+@pytest.mark.parametrize(
+    "x_shape,w_shape,n_in", [((2, 3, 4), (4, 5, 6), 1), ((2, 3, 4, 5), (4, 5, 6), 2)]
+)
+def test_dense_grads_equal_tensordot(x_shape, w_shape, n_in):
+    """The custom weight-gradient dot of `dense` equals JAX's own derivative of tensordot."""
+    kx, kw, kc = jax.random.split(jax.random.key(0), 3)
+    x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+    c = jax.random.normal(kc, jnp.tensordot(x, w, n_in).shape)
+
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w, n_in)) * c)
+
+    ref = jax.grad(loss(lambda x, w, n: jnp.tensordot(x, w, axes=n)), argnums=(0, 1))(x, w)
+    got = jax.grad(loss(dense), argnums=(0, 1))(x, w)
+    np.testing.assert_array_equal(dense(x, w, n_in), jnp.tensordot(x, w, axes=n_in))
+    for g, r in zip(got, ref, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
