@@ -96,7 +96,9 @@ def _generate_impl(
     mask_bp = mask_bp.astype(bool)
     positions_bp = jnp.maximum(jnp.cumsum(mask_bp.astype(jnp.int32), axis=1) - 1, 0)
     cache = model.init_cache(b, p + n)
-    logits_bpv, cache = model.decode(prompt_bp, positions_bp, cache, token_mask=mask_bp)
+    logits_b1v, cache = model.decode(
+        prompt_bp, positions_bp, cache, token_mask=mask_bp, last_only=True
+    )
     sample = functools.partial(
         sample_logits,
         temperature=temperature,
@@ -128,7 +130,7 @@ def _generate_impl(
 
     init = (
         jnp.zeros((), jnp.int32),
-        logits_bpv[:, -1],  # left padding: the last column is every row's last prompt token
+        logits_b1v[:, 0],  # left padding: the last column is every row's last prompt token
         positions_bp[:, -1] + 1,
         cache,
         jnp.zeros((b,), bool),

@@ -18,7 +18,9 @@ from absl import logging
 from fft import config_lib
 
 # Bump when the recipe changes, so stale caches are rebuilt rather than silently reused.
-RECIPE_VERSION = "v2"  # v2: 150 steps at lr 3e-3 (v1: 300 at 2e-3), ~6 min on 2 cores
+RECIPE_VERSION = (
+    "v3"  # v3: v2 rebuilt by the custom weight-gradient dot (4 min 20 s; rounding differs)
+)
 
 
 def cache_dir() -> str:

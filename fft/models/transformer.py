@@ -151,16 +151,18 @@ class Transformer(nnx.Module):
             valid=jnp.zeros((batch_size, max_len), bool),
         )
 
-    def decode(self, tokens, positions, cache: KVCache, token_mask=None):
+    def decode(self, tokens, positions, cache: KVCache, token_mask=None, last_only=False):
         """Runs `tokens [B, T]` against the cache, writing them at slots index..index+T-1.
 
         Args:
           tokens, positions: `[B, T]`.
           cache: from `init_cache` or a previous `decode`.
           token_mask: `[B, T]` bool, which new slots are real (False = left padding).
+          last_only: unembed only the last position (a prefill needs no more; the full
+            `[B, T, V]` float32 logits of a long prompt would be most of its memory).
 
         Returns:
-          (logits float32 `[B, T, V]`, the updated cache)
+          (logits float32 `[B, T, V]` (`[B, 1, V]` with last_only), the updated cache)
         """
         b, t = tokens.shape
         if token_mask is None:
@@ -181,6 +183,8 @@ class Transformer(nnx.Module):
             x_btd, (k, v) = block(x_btd, cos, sin, bias, (cache.k[i], cache.v[i]), index)
             ks.append(k)
             vs.append(v)
+        if last_only:
+            x_btd = x_btd[:, -1:]
         logits = self.logits(self.final_norm(x_btd))
         return logits, KVCache(k=tuple(ks), v=tuple(vs), index=index + t, valid=valid)
 
