@@ -197,9 +197,21 @@ def set_values(
     return config
 
 
-def load_config(path: str, variant: str = "", **overrides: Any) -> ml_collections.ConfigDict:
+def parse_overrides(text: str) -> dict[str, str]:
+    """'optim.lr=1e-3,rlhf.tasks=count' -> {'optim.lr': '1e-3', 'rlhf.tasks': 'count'}."""
+    pairs = [kv.strip() for kv in text.split(",") if kv.strip()]
+    bad = [kv for kv in pairs if "=" not in kv]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not KEY=VALUE (e.g. 'optim.lr=1e-3').")
+    return dict(kv.split("=", 1) for kv in pairs)
+
+
+def load_config(
+    path: str, variant: str = "", *, cast: bool = False, **overrides: Any
+) -> ml_collections.ConfigDict:
     """`get_config(variant)` of the config file `path` (e.g. 'configs/rlhf.py'), with dotted
-    overrides passed as keyword arguments: `load_config(p, "smoke", **{"optim.lr": 1e-3})`."""
+    overrides passed as keyword arguments: `load_config(p, "smoke", **{"optim.lr": 1e-3})`;
+    with `cast`, string values take their field's type as on a command line."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} not found.")
     name = "_fft_config_" + os.path.splitext(os.path.basename(path))[0]
@@ -207,7 +219,7 @@ def load_config(path: str, variant: str = "", **overrides: Any) -> ml_collection
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(variant) if variant else module.get_config()
-    return set_values(config, overrides)
+    return set_values(config, overrides, cast=cast)
 
 
 # Smoke settings of the preference methods (reward model, DPO): a LoRA r=4 policy on fft:micro.

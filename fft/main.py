@@ -8,6 +8,7 @@ then hands the config to `fft.methods.<config.method>.run`.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 
@@ -39,6 +40,19 @@ def run(config, workdir: str) -> dict:
         config.init_from = zoo.resolve(config.init_from)
     method = importlib.import_module(f"fft.methods.{config.method}")
     return method.run(config, os.path.abspath(workdir))
+
+
+def run_once(config, workdir: str) -> dict:
+    """`run`, unless `workdir` already holds a finished run; then its `results.json`.
+
+    Experiment scripts chain many runs: with this a rerun after a crash or a kill redoes only
+    the runs that had not finished (an unfinished one resumes from its checkpoint).
+    """
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        return run(config, workdir)
+    with open(path) as f:
+        return json.load(f)
 
 
 def main(argv: list[str]) -> None:

@@ -50,6 +50,21 @@ def test_load_config_overrides_and_errors():
         config_lib.load_config(path, **{"rlhf.kl_coeff": 0.1})
     with pytest.raises(config_lib.ConfigError, match="nope.py not found"):
         config_lib.load_config(os.path.join(REPO, "configs", "nope.py"))
+    # Experiment scripts' "a.b=1,c=x" overrides.
+    over = config_lib.parse_overrides("optim.lr=1e-3, rlhf.tasks=count")
+    assert over == {"optim.lr": "1e-3", "rlhf.tasks": "count"}
+    c = config_lib.load_config(path, "smoke", cast=True, **over)
+    assert c.optim.lr == 1e-3 and c.rlhf.tasks == "count"
+    with pytest.raises(config_lib.ConfigError, match="'steps' is not KEY=VALUE"):
+        config_lib.parse_overrides("steps")
+
+
+def test_run_once_reads_a_finished_run(tmp_path):
+    """A workdir with results.json is not run again (experiment scripts rely on it)."""
+    from fft import main as fft_main
+
+    (tmp_path / "results.json").write_text('{"method": "pretrain", "done": 1}')
+    assert fft_main.run_once(config_lib.pretrain_config("micro"), str(tmp_path))["done"] == 1
 
 
 def test_validation_names_the_key():

@@ -89,9 +89,7 @@ def main_(argv=None):
         c = base_config(args)
         c.continual.replay = r
         wd = os.path.join(args.work, name)
-        if not os.path.exists(os.path.join(wd, "results.json")):
-            main.run(c, wd)
-        rows[name] = json.load(open(os.path.join(wd, "results.json")))["eras"]
+        rows[name] = main.run_once(c, wd)["eras"]
     # Joint baseline: one pass over all eras' data shuffled, one warmup-cosine cycle.
     c = base_config(args)
     c.continual.replay = 0.0
@@ -99,9 +97,7 @@ def main_(argv=None):
     c.continual.stream_dir = os.path.join(args.work, "joint_stream")
     write_joint_stream(c.continual.stream_dir, args)
     wd = os.path.join(args.work, "joint")
-    if not os.path.exists(os.path.join(wd, "results.json")):
-        main.run(c, wd)
-    rows["joint (all data, 1 cycle)"] = json.load(open(os.path.join(wd, "results.json")))["eras"]
+    rows["joint (all data, 1 cycle)"] = main.run_once(c, wd)["eras"]
 
     summary = {k: summarize(v, args.eras) for k, v in rows.items()}
     cols = [

@@ -93,9 +93,7 @@ def main_(argv=None):
         )
         c.domain.eval_docs = 60
     wd = os.path.join(args.work, "dapt")
-    if not os.path.exists(os.path.join(wd, "results.json")):
-        main.run(c, wd)
-    res = json.load(open(os.path.join(wd, "results.json")))
+    res = main.run_once(c, wd)
     train, test, classes = term_dataset()
     rows = {
         "no adaptation (base)": {

@@ -28,29 +28,16 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)  # run from a checkout without installing
 
 
-def get_config(name: str, variant: str, overrides: dict):
-    """configs/<name>.py:<variant> with dotted-key overrides (strings cast to the field's type)."""
-    from fft import config_lib
-
-    config = config_lib.load_config(f"{REPO}/configs/{name}.py", variant)
-    return config_lib.set_values(config, overrides, cast=True)
-
-
-def parse_overrides(text: str) -> dict:
-    """'a.b=1,c=x' -> {'a.b': '1', 'c': 'x'}."""
-    return dict(kv.split("=", 1) for kv in text.split(",") if kv.strip())
-
-
 def run_one(name: str, variant: str, workdir: str, overrides: dict) -> dict:
-    """Runs one setting through fft.main.run, or reads its results.json when it finished."""
+    """Runs configs/<name>.py:<variant> with dotted overrides, or reads its finished results."""
+    from fft import config_lib
     from fft import main as fft_main
 
-    path = os.path.join(workdir, "results.json")
-    if not os.path.exists(path):
+    path = f"{REPO}/configs/{name}.py"
+    config = config_lib.load_config(path, variant, cast=True, **overrides)
+    if not os.path.exists(os.path.join(workdir, "results.json")):
         print(f"== {name}:{variant} -> {workdir}  {overrides}", flush=True)
-        fft_main.run(get_config(name, variant, overrides), workdir)
-    with open(path) as f:
-        return json.load(f)
+    return fft_main.run_once(config, workdir)
 
 
 def eval_points(workdir: str) -> list[dict]:
@@ -120,6 +107,8 @@ def plot(rows: list[dict], start: dict, out: str) -> None:
 
 
 def main() -> None:
+    from fft import config_lib
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sft", default=os.path.join(REPO, "runs", "instruction"), help="SFT workdir")
     p.add_argument("--out", default=os.path.join(HERE, "runs"), help="output directory")
@@ -143,11 +132,17 @@ def main() -> None:
             "rlhf.kl_controller": "fixed",
             "rlhf.kl_coef": float(k),
             "rlhf.reward": args.ppo_reward,
-        } | parse_overrides(args.ppo)
+        } | config_lib.parse_overrides(args.ppo)
         settings.append(("PPO", "rlhf", "kl_coef", float(k), over))
     for b in args.betas.split(","):
         settings.append(
-            ("DPO", "dpo", "beta", float(b), {"dpo.beta": float(b)} | parse_overrides(args.dpo))
+            (
+                "DPO",
+                "dpo",
+                "beta",
+                float(b),
+                {"dpo.beta": float(b)} | config_lib.parse_overrides(args.dpo),
+            )
         )
     rows, sft_eval = [], None
     for method, config, coef_name, coef, over in settings:

@@ -36,26 +36,17 @@ def get_config(name: str, variant: str, overrides: dict):
     """configs/<name>.py:<variant> with dotted-key overrides (strings cast to the field's type)."""
     from fft import config_lib
 
-    config = config_lib.load_config(f"{REPO}/configs/{name}.py", variant)
-    return config_lib.set_values(config, overrides, cast=True)
-
-
-def parse_overrides(text: str) -> dict:
-    """'a.b=1,c=x' -> {'a.b': '1', 'c': 'x'} (values cast to the config field's type)."""
-    return dict(kv.split("=", 1) for kv in text.split(",") if kv.strip())
+    return config_lib.load_config(f"{REPO}/configs/{name}.py", variant, cast=True, **overrides)
 
 
 def run_stage(name: str, variant: str, workdir: str, overrides: dict) -> dict:
     """Runs one stage through fft.main.run, or reads its results.json when it already finished."""
     from fft import main as fft_main
 
-    path = os.path.join(workdir, "results.json")
-    if not os.path.exists(path):
-        config = get_config(name, variant, overrides)
+    config = get_config(name, variant, overrides)
+    if not os.path.exists(os.path.join(workdir, "results.json")):
         print(f"== {name}:{variant} -> {workdir}  {overrides}", flush=True)
-        fft_main.run(config, workdir)
-    with open(path) as f:
-        return json.load(f)
+    return fft_main.run_once(config, workdir)
 
 
 def evaluate_base(base: str, sft: str, ppo_config) -> dict:
@@ -130,6 +121,8 @@ def plot(ppo_dirs: dict, out: str) -> None:
 
 
 def main() -> None:
+    from fft import config_lib
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sft", default=os.path.join(REPO, "runs", "instruction"), help="SFT workdir")
     p.add_argument("--out", default=os.path.join(HERE, "runs"), help="output directory")
@@ -146,8 +139,8 @@ def main() -> None:
     base = sft_results["config"]["init_from"]
     start = {"init_from": sft}
     rm_dir, ppo_dir = os.path.join(args.out, "reward"), os.path.join(args.out, "ppo_rm")
-    rm = run_stage("reward", variant, rm_dir, start | parse_overrides(args.reward))
-    ppo_over = start | parse_overrides(args.ppo)
+    rm = run_stage("reward", variant, rm_dir, start | config_lib.parse_overrides(args.reward))
+    ppo_over = start | config_lib.parse_overrides(args.ppo)
     ppo = run_stage("rlhf", variant, ppo_dir, ppo_over | {"rlhf.reward": rm_dir})
     ppo_dirs = {"PPO (RM)": ppo_dir}
     oracle = None
