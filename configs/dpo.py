@@ -6,6 +6,7 @@ Run:
   python -m fft.main --config=configs/dpo.py:ipo --workdir=runs/ipo
   python -m fft.main --config=configs/dpo.py:smoke --workdir=/tmp/dpo      # < 1 minute
 Variants: '' (DPO, LoRA), 'ipo', 'rankings' (pairs from 3-way rankings), 'full' (all weights),
+'sentiment' (controlled sentiment generation from fft:tiny, as configs/rlhf.py:sentiment),
 'smoke'.
 """
 
@@ -34,6 +35,7 @@ def get_config(variant: str = ""):
     d.loss = "dpo"  # dpo (sigmoid, Rafailov et al. 2023) | ipo (squared, Azar et al. 2023)
     d.beta = 0.1  # inverse temperature of the implicit reward (IPO: target gap 1/(2 beta))
     d.label_smoothing = 0.0  # cDPO: assumed rate of flipped labels (dpo only)
+    d.prompts = "instructions"  # instructions | reviews (sentiment generation): fft.rl.tasks
     d.data = "pairs"  # synthetic data: 'pairs' (judge pairs) | 'rankings' (all pairs of K-way)
     d.train_pairs = 4000  # synthetic records (rankings give up to K(K-1)/2 pairs each)
     d.k = 3  # responses per ranking record ('rankings')
@@ -54,6 +56,13 @@ def get_config(variant: str = ""):
     if variant == "full":
         c.lora.rank = 0
         c.optim.lr = 5e-6
+        return c
+    if variant == "sentiment":
+        # Controlled sentiment generation (fft.rl.tasks 'reviews') from the base model itself.
+        c.init_from = "fft:tiny"
+        c.seq_len = 64  # an opening (~12 tokens) + a synthesised continuation (<= 45 tokens)
+        d.prompts = "reviews"
+        d.eval_prompts = 128  # held-out openings
         return c
     if variant == "smoke":
         # LoRA r=4 at lr 1e-3; checkpoint only at the end

@@ -12,8 +12,9 @@ Run:
       --config.rlhf.reward=runs/reward                                       # PPO vs the RM
   python -m fft.main --config=configs/rlhf.py:grpo --workdir=runs/grpo
   python -m fft.main --config=configs/rlhf.py:smoke --workdir=/tmp/rlhf      # < 1 minute
-Variants: '' (PPO, LoRA), 'grpo' (GRPO, no critic), 'full' (PPO, all weights), 'smoke',
-'smoke_grpo'.
+Variants: '' (PPO, LoRA), 'grpo' (GRPO, no critic), 'full' (PPO, all weights), 'sentiment'
+(controlled sentiment generation from fft:tiny: continue review openings, rewarded by their
+sentiment), 'smoke', 'smoke_grpo'.
 
 `steps` counts optimizer steps: each rollout of `rlhf.rollout_batch` sequences gives
 `rlhf.epochs * rollout_batch / batch_size` of them.
@@ -44,6 +45,7 @@ def get_config(variant: str = ""):
     r.algo = "ppo"  # ppo (value head + GAE) | grpo (group-relative advantages, no critic)
     r.reward = "judge"  # 'judge' (synthetic true reward) or a reward-method workdir
     r.world_seed = 0  # synthetic world seed (prompts and judge)
+    r.prompts = "instructions"  # instructions | reviews (sentiment generation): fft.rl.tasks
     r.tasks = ""  # comma list of instruction tasks for prompts ('' = all)
     r.train_prompts = 4000  # synthetic training prompts (the stream cycles through them)
     r.eval_prompts = 64  # held-out prompts for true reward / win rate / KL
@@ -76,6 +78,17 @@ def get_config(variant: str = ""):
         r.algo = "grpo"
         r.kl_controller = "fixed"
         r.kl_coef = 0.04
+        return c
+    if variant == "sentiment":
+        # Controlled sentiment generation (fft.rl.tasks 'reviews'): continue review openings
+        # of fft:tiny itself (a language model, no SFT needed), true reward = sentiment balance.
+        c.init_from = "fft:tiny"
+        c.seq_len = 48  # an opening (~12 tokens) + 24 new tokens
+        r.prompts = "reviews"
+        r.max_new_tokens = 24  # continuation length
+        r.eval_prompts = 128  # held-out openings
+        r.kl_controller = "fixed"  # the reward-vs-KL frontier sweeps a fixed coefficient
+        r.kl_coef = 0.1  # per-token KL penalty
         return c
     if variant in ("smoke", "smoke_grpo"):
         config_lib.smoke(c)

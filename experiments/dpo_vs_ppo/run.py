@@ -1,13 +1,15 @@
-"""The reward-versus-KL frontier of PPO and DPO (Rafailov et al., 2023, Fig. 2) on the synthetic
-instruction task, from one SFT model.
+"""The reward-versus-KL frontier of PPO and DPO (Rafailov et al., 2023, Fig. 2) from one start
+model, on controlled sentiment generation (the paper's task) or the synthetic instruction tasks.
 
+    python experiments/dpo_vs_ppo/run.py --task=sentiment                  # from fft:tiny
     python experiments/dpo_vs_ppo/run.py --sft=runs/instruction            # ~1 h on 2 CPUs
     python experiments/dpo_vs_ppo/run.py --smoke --out=/tmp/dvp            # fft:micro, minutes
 
-Every run starts from the SFT model (`--sft`, an instruction-method workdir) and is scored on the
-same held-out prompts: true reward = the judge's score of greedy answers, KL = KL(policy || SFT)
-per sequence on sampled answers (k1, summed over the answer; `fft.rl.evals`). One point per run
-(and one per intermediate eval when `--eval_every` > 0):
+Every run starts from the same model (`--sft`: an instruction-method workdir, or fft:tiny for
+`--task=sentiment`) and is scored on the same held-out prompts: true reward = the judge's score
+of greedy answers, KL = KL(policy || start) per sequence on sampled answers (k1, summed over the
+answer; `fft.rl.evals`). One point per run (and one per intermediate eval when `--eval_every`
+> 0):
 
   PPO   configs/rlhf.py, fixed KL penalty `rlhf.kl_coef` in --kl_coefs, rewarded by the judge
         (the paper's "PPO-GT": the ground-truth reward), or by a reward model (--ppo_reward=DIR)
@@ -48,22 +50,26 @@ def eval_points(workdir: str) -> list[dict]:
 
 
 def table(rows: list[dict], start: dict) -> str:
+    def sampled(m):
+        return f"{m['true_reward_sampled']:.3f}" if "true_reward_sampled" in m else "–"
+
     out = (
-        "| method | coefficient | true reward | win rate vs SFT | KL to SFT (nats/seq) "
-        "| answer tokens | wall (s) |\n|---|---|---|---|---|---|---|\n"
-        f"| SFT (start) | – | {start['true_reward']:.3f} | 0.500 | 0.00 | "
+        "| method | coefficient | true reward (greedy) | true reward (samples) | win rate vs start "
+        "| KL to start (nats/seq) | answer tokens | wall (s) |\n|---|---|---|---|---|---|---|---|\n"
+        f"| start | – | {start['true_reward']:.3f} | {sampled(start)} | 0.500 | 0.00 | "
         f"{start['response_len']:.1f} | – |\n"
     )
     for r in rows:
         a = r["after"]
         out += (
             f"| {r['method']} | {r['coef_name']}={r['coef']:g} | {a['true_reward']:.3f} | "
-            f"{a['win_rate']:.3f} | {a['kl']:.2f} | {a['response_len']:.1f} | {r['wall_s']:.0f} |\n"
+            f"{sampled(a)} | {a['win_rate']:.3f} | {a['kl']:.2f} | {a['response_len']:.1f} | "
+            f"{r['wall_s']:.0f} |\n"
         )
     return out
 
 
-def plot(rows: list[dict], start: dict, out: str) -> None:
+def plot(rows: list[dict], start: dict, out: str, key: str = "true_reward") -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -77,29 +83,30 @@ def plot(rows: list[dict], start: dict, out: str) -> None:
             pts = r["points"]
             ax.scatter(
                 [p["kl"] for p in pts],
-                [p["true_reward"] for p in pts],
+                [p[key] for p in pts],
                 s=10,
                 color=color,
                 alpha=0.35,
             )
             ax.annotate(
                 f"{r['coef_name']}={r['coef']:g}",
-                (r["after"]["kl"], r["after"]["true_reward"]),
+                (r["after"]["kl"], r["after"][key]),
                 textcoords="offset points",
                 xytext=(4, 4),
                 fontsize=8,
             )
         ax.scatter(
             [r["after"]["kl"] for r in mine],
-            [r["after"]["true_reward"] for r in mine],
+            [r["after"][key] for r in mine],
             s=45,
             color=color,
             label=method,
         )
-    ax.scatter([0.0], [start["true_reward"]], marker="*", s=120, color="black", label="SFT start")
-    ax.set_xlabel("KL(policy || SFT), nats per sequence")
-    ax.set_ylabel("true reward (judge, greedy answers)")
-    ax.set_title("reward vs KL: PPO and DPO from one SFT model")
+    ax.scatter([0.0], [start[key]], marker="*", s=120, color="black", label="start")
+    ax.set_xlabel("KL(policy || start), nats per sequence")
+    what = "samples" if key == "true_reward_sampled" else "greedy answers"
+    ax.set_ylabel(f"true reward (judge, {what})")
+    ax.set_title("reward vs KL: PPO and DPO from one start model")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -110,7 +117,14 @@ def main() -> None:
     from fft import config_lib
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--sft", default=os.path.join(REPO, "runs", "instruction"), help="SFT workdir")
+    p.add_argument(
+        "--task",
+        default="instructions",
+        choices=("instructions", "sentiment"),
+        help="instructions: the instruction tasks from an SFT run; sentiment: controlled "
+        "sentiment generation (continue review openings; fft.rl.tasks 'reviews') from fft:tiny",
+    )
+    p.add_argument("--sft", default=None, help="start: SFT workdir (instructions) or fft:tiny")
     p.add_argument("--out", default=os.path.join(HERE, "runs"), help="output directory")
     p.add_argument("--smoke", action="store_true", help="smoke variants (fft:micro, a few steps)")
     p.add_argument("--kl_coefs", default="0.02,0.1,0.5", help="PPO fixed KL coefficients")
@@ -120,11 +134,16 @@ def main() -> None:
     p.add_argument("--ppo", default="", help="more rlhf overrides 'steps=96,optim.lr=1e-4'")
     p.add_argument("--dpo", default="", help="more dpo overrides 'steps=200'")
     args = p.parse_args()
-    variant = "smoke" if args.smoke else ""
+    sentiment = args.task == "sentiment"
+    variant = "smoke" if args.smoke else ("sentiment" if sentiment else "")
+    sft = args.sft or ("fft:tiny" if sentiment else os.path.join(REPO, "runs", "instruction"))
     os.makedirs(args.out, exist_ok=True)
-    start = {"init_from": os.path.abspath(args.sft), "eval_every": args.eval_every}
-    if not os.path.exists(os.path.join(start["init_from"], "results.json")):
-        sys.exit(f"--sft={args.sft}: not a finished instruction run (no results.json)")
+    if not sft.startswith("fft:"):
+        sft = os.path.abspath(sft)
+        if not os.path.exists(os.path.join(sft, "results.json")):
+            sys.exit(f"--sft={args.sft}: not a finished run (no results.json)")
+    start = {"init_from": sft, "eval_every": args.eval_every}
+    prompts = "reviews" if sentiment else "instructions"
 
     settings = []
     for k in args.kl_coefs.split(","):
@@ -132,6 +151,7 @@ def main() -> None:
             "rlhf.kl_controller": "fixed",
             "rlhf.kl_coef": float(k),
             "rlhf.reward": args.ppo_reward,
+            "rlhf.prompts": prompts,
         } | config_lib.parse_overrides(args.ppo)
         settings.append(("PPO", "rlhf", "kl_coef", float(k), over))
     for b in args.betas.split(","):
@@ -141,7 +161,8 @@ def main() -> None:
                 "dpo",
                 "beta",
                 float(b),
-                {"dpo.beta": float(b)} | config_lib.parse_overrides(args.dpo),
+                {"dpo.beta": float(b), "dpo.prompts": prompts}
+                | config_lib.parse_overrides(args.dpo),
             )
         )
     rows, sft_eval = [], None
@@ -165,10 +186,11 @@ def main() -> None:
     sft_eval = sft_eval or rows[0]["points"][0]
     md = table(rows, sft_eval)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"sft": start["init_from"], "start": sft_eval, "rows": rows}, f, indent=2)
+        json.dump({"sft": sft, "task": args.task, "start": sft_eval, "rows": rows}, f, indent=2)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
-    plot(rows, sft_eval, args.out)
+    # Greedy continuations of review openings degenerate ("very very very"): score samples.
+    plot(rows, sft_eval, args.out, "true_reward_sampled" if sentiment else "true_reward")
     print(md)
 
 

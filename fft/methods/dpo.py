@@ -2,7 +2,8 @@
 
 Recipe:
   data       chosen / rejected pairs (synthetic judge-ranked pairs, or every pair a K-way ranking
-             implies; or config.data.train JSONL in 'preference' / 'ranking' format)
+             implies, of `dpo.prompts` (`fft.rl.tasks`: instructions or review continuations);
+             or config.data.train JSONL in 'preference' / 'ranking' format)
   reference  the starting weights; their sequence log-probs of every pair are computed ONCE
              before training (cached in WORKDIR/dpo_reference.npz) and ride along in the batches,
              so training never runs a second model
@@ -26,6 +27,7 @@ from fft import config_lib
 from fft.data import pipeline, sources
 from fft.data.synthetic import World
 from fft.rl import evals, objectives
+from fft.rl import tasks as tasks_lib
 from fft.train import lm, loop, losses
 
 SIDES = ("chosen", "rejected")
@@ -63,6 +65,13 @@ def pair_records(config, world: World) -> list[dict]:
         if config.data.format == "ranking":
             records = [p for r in records for p in ranking_to_pairs(r)]
         return records
+    if c.prompts == "reviews":
+        if c.data != "pairs":
+            raise config_lib.ConfigError(
+                "config.dpo.prompts='reviews' comes as synthetic pairs only: set "
+                "config.dpo.data='pairs'."
+            )
+        return world.review_pairs("train", c.train_pairs, noise=c.noise)
     if c.data == "pairs":
         return world.pairwise_data("train", c.train_pairs, noise=c.noise)
     if c.data == "rankings":
@@ -198,6 +207,7 @@ def _cached_reference(path, rows, compute) -> dict[str, np.ndarray]:
 def run(config, workdir: str) -> dict:
     """Trains a policy with DPO / IPO; returns the results dict."""
     c = config.dpo
+    tasks_lib.check(c.prompts, "dpo.prompts")
     world = World(c.world_seed)
     base = lm.load_base(config)
     tokenizer = base.tokenizer
@@ -211,16 +221,16 @@ def run(config, workdir: str) -> dict:
     rows.update(ref)
     print(f"[dpo] {len(rows['chosen_tokens'])} pairs; reference log-probs cached.", flush=True)
 
-    eval_records = world.instruction_data("test", c.eval_prompts)
+    eval_records = tasks_lib.prompts(world, c.prompts, "test", c.eval_prompts)
     lora = config.lora.rank > 0
     evaluate = evals.make_evaluate(
         eval_records,
-        "instruction",
+        tasks_lib.prompt_format(c.prompts),
         tokenizer,
         prompt_len=config.seq_len - c.max_new_tokens,
         max_new_tokens=c.max_new_tokens,
         ref_model=None if lora else reference,  # LoRA: the policy with adapters off
-        judge=world.judge,
+        judge=tasks_lib.judge(world, c.prompts),
         seed=config.seed + 1,
     )
     if lora:

@@ -27,6 +27,7 @@ from fft.rl import evals, ppo
 from fft.rl import kl as kl_lib
 from fft.rl import rewards as rewards_lib
 from fft.rl import rollout as rollout_lib
+from fft.rl import tasks as tasks_lib
 from fft.train import lm, loop
 from fft.train.state import trainable_filter_from_config
 
@@ -76,9 +77,9 @@ def prompt_records(config, world: World) -> tuple[list[dict], list[dict], str]:
         evals = [ev[i] for i in range(len(ev))][: c.eval_prompts] if ev else train[: c.eval_prompts]
         fmt = config.data.format if config.data.format != "text" else "instruction"
         return train, evals, fmt
-    train = world.instruction_data("train", c.train_prompts, tasks)
-    evals = world.instruction_data("test", c.eval_prompts, tasks)
-    return train, evals, "instruction"
+    train = tasks_lib.prompts(world, c.prompts, "train", c.train_prompts, tasks)
+    evals = tasks_lib.prompts(world, c.prompts, "test", c.eval_prompts, tasks)
+    return train, evals, tasks_lib.prompt_format(c.prompts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +89,7 @@ def prompt_records(config, world: World) -> tuple[list[dict], list[dict], str]:
 
 def _check(config) -> None:
     c = config.rlhf
+    tasks_lib.check(c.prompts, "rlhf.prompts")
     if c.algo not in ("ppo", "grpo"):
         raise config_lib.ConfigError(f"config.rlhf.algo={c.algo!r}: choose 'ppo' or 'grpo'.")
     group = c.group_size if c.algo == "grpo" else 1
@@ -122,8 +124,11 @@ def run(config, workdir: str) -> dict:
         if config.lora.rank > 0
         else evals.reference_model(base.model_config, base.load_weights)
     )
-    has_answers = all("output" in r for r in train_records[:8] + eval_records[:8])
-    judge = world.judge if has_answers else None
+    if config.data.train:  # records of one's own: the judge knows instruction records only
+        has_answers = all("output" in r for r in train_records[:8] + eval_records[:8])
+        judge = world.judge if has_answers else None
+    else:
+        judge = tasks_lib.judge(world, c.prompts)
     if c.reward == "judge":
         if judge is None:
             raise config_lib.ConfigError(

@@ -68,7 +68,11 @@ def make_evaluate(
     reward_fn=None,
     seed: int = 0,
 ):
-    """`evaluate(model) -> {true_reward, win_rate, kl, reward, response_len}`.
+    """`evaluate(model) -> {true_reward, true_reward_sampled, win_rate, kl, reward, ...}`.
+
+    `true_reward` scores greedy answers; `true_reward_sampled` scores the temperature-1 samples
+    the KL is measured on (the policy PPO actually trains; greedy decoding of an open-ended
+    continuation can be degenerate, e.g. a repeated word).
 
     Args:
       records: held-out prompt records.
@@ -111,10 +115,9 @@ def make_evaluate(
             metrics["win_rate"] = rewards_lib.win_rate(true, start["true"])
         if reward_fn is not None:
             metrics["reward"] = float(np.mean(reward_fn(records, seqs, texts)))
-        sampled = gen(model, prompt_bp, mask_bp, temperature=1.0)
-        s_seqs = rollout_lib.sequences(
-            prompt_bp, mask_bp, np.asarray(sampled.tokens), np.asarray(sampled.mask)
-        )
+        s_seqs, _, s_true = judged(gen(model, prompt_bp, mask_bp, temperature=1.0))
+        if s_true is not None:
+            metrics["true_reward_sampled"] = float(s_true.mean())
         logp, ref_logp, _ = rollout_lib.teacher_forced(
             model, ref_model, {k: jnp.asarray(v) for k, v in s_seqs.items()}
         )

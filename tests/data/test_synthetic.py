@@ -175,6 +175,23 @@ def test_heldout_sentiment_words(world):
     assert set(labels) == set(world.label_names)
 
 
+def test_sentiment_generation_task(world):
+    pos, neg = (world.train_sentiment_words()[k][:2] for k in ("positive", "negative"))
+    score = lambda text: world.sentiment_judge({}, text)  # noqa: E731
+    assert score("The lid was blue.") == 0.0
+    assert score(f"The lid was {pos[0]}.") == 0.5  # (1 - 0) / (1 + 0 + 1)
+    assert score(f"It felt {pos[0].upper()} and {pos[1]}, but {neg[0]}.") == 0.25  # (2 - 1) / 4
+    assert score(f"the {neg[0]} lid") == -0.5
+    prompts = world.review_prompts("train", 50)
+    assert all(p["prompt"].endswith(" was") for p in prompts)
+    assert {p["prompt"] for p in prompts} != {p["prompt"] for p in world.review_prompts("test", 50)}
+    pairs = world.review_pairs("train", 200, noise=0.0)
+    assert all(score(p["chosen"]) > score(p["rejected"]) for p in pairs)
+    noisy = world.review_pairs("train", 400, noise=0.2)
+    flipped = sum(score(p["chosen"]) < score(p["rejected"]) for p in noisy) / len(noisy)
+    assert 0.12 < flipped < 0.28
+
+
 def test_cli_writes_files(tmp_path):
     out = tmp_path / "world"
     main(["--out", str(out), "--scale", "0.002"])  # the CLI's entry point, in-process

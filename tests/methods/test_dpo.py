@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from fft import config_lib, main
 from fft.methods import dpo
@@ -22,6 +23,18 @@ def test_ranking_to_pairs():
     got = {(p["chosen"], p["rejected"]) for p in pairs}
     assert got == {("b", "a"), ("c", "a"), ("b", "c")}
     assert all("ranking" not in p and p["prompt"] == "p" for p in pairs)
+
+
+def test_review_pairs_for_sentiment_generation():
+    from fft.data.synthetic import World
+
+    config = _config("sentiment")
+    config.dpo.train_pairs = 20
+    pairs = dpo.pair_records(config, World(0))
+    assert len(pairs) == 20 and {"prompt", "chosen", "rejected"} <= set(pairs[0])
+    config.dpo.data = "rankings"
+    with pytest.raises(config_lib.ConfigError, match="dpo.data='pairs'"):
+        dpo.pair_records(config, World(0))
 
 
 def test_row_stream_resumes():

@@ -61,8 +61,15 @@ def test_ppo_resume_mid_rollout_gives_identical_params(ppo_run, tmp_path):
 
 
 def test_grpo_smoke(tmp_path):
-    results = main.run(_config("smoke_grpo"), str(tmp_path))
+    # On the other prompt set: continuing review openings, judged by their sentiment.
+    results = main.run(_config("smoke_grpo", **{"rlhf.prompts": "reviews"}), str(tmp_path))
     assert results["steps"] == 4
     assert {"true_reward", "win_rate", "kl"} <= set(results["after"])
+    assert -1.0 <= results["after"]["true_reward"] < 1.0
     line = _train_lines(str(tmp_path))[-1]
     assert "kl_loss" in line and "value_loss" not in line
+
+
+def test_unknown_prompt_set_is_a_config_error(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match="config.rlhf.prompts='movies'"):
+        main.run(_config("smoke", **{"rlhf.prompts": "movies"}), str(tmp_path))

@@ -173,6 +173,19 @@ class World:
         uses only held-out sentiment words (`heldout_sentiment_words`)."""
         return self._reviews.data(split, n)
 
+    def review_prompts(self, split: str, n: int) -> list[dict]:
+        """Controlled sentiment generation: `{prompt, task}` review openings to continue."""
+        return self._reviews.continuation_prompts(split, n)
+
+    def review_pairs(self, split: str, n: int, noise: float = 0.1) -> list[dict]:
+        """`{prompt, chosen, rejected, task}`: the more positive continuation chosen."""
+        return self._reviews.sentiment_pairs(split, n, noise)
+
+    def sentiment_judge(self, prompt_record: dict, response: str) -> float:
+        """True reward of a review continuation: its sentiment balance in [-1, 1)."""
+        del prompt_record
+        return self._reviews.sentiment_score(response)
+
     def heldout_sentiment_words(self) -> dict[str, list[str]]:
         """`{polarity: words}` used only by test reviews (but present in the general corpus)."""
         return {k: list(v) for k, v in self._reviews.heldout_words.items()}
