@@ -193,7 +193,8 @@ def generate_tokens(
     """Samples continuations of left-padded prompts in one compiled loop.
 
     Args:
-      model: a decoder with `init_cache` and `decode` (e.g. `fft.models.transformer.Transformer`).
+      model: a decoder with `init_cache(batch, length)` and `decode(tokens, positions, cache,
+        token_mask=None, last_only=False)` (e.g. `fft.models.transformer.Transformer`).
       prompt_tokens_bp: `[B,P]` int32, left-padded (see `left_pad`).
       prompt_mask_bp: `[B,P]`, 1 on real tokens.
       max_new_tokens: N, tokens to generate per row.

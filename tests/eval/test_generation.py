@@ -40,12 +40,13 @@ class ScriptedModel(nnx.Module):
     def init_cache(self, batch_size, max_len):
         return {"index": jnp.zeros((), jnp.int32)}
 
-    def decode(self, tokens, positions, cache, token_mask=None):
+    def decode(self, tokens, positions, cache, token_mask=None, last_only=False):
         script = self.script[...]
         # The query in slot q predicts the token for slot q + 1.
         slots = cache["index"] + jnp.arange(tokens.shape[1])[None, :]
         next_ids = script[jnp.clip(slots + 1 - self.start, 0, script.shape[0] - 1)]
         logits = jnp.where(jnp.arange(CharTokenizer.vocab_size) == next_ids[..., None], 10.0, 0.0)
+        logits = logits[:, -1:] if last_only else logits
         return logits, {"index": cache["index"] + tokens.shape[1]}
 
 
