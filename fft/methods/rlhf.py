@@ -6,10 +6,12 @@ Recipe:
              copy); without LoRA a separate frozen decoder, kept out of the checkpoints (it is
              re-read from init_from on resume)
   reward     `rlhf.reward`: 'judge' (the synthetic world's true reward) or a reward-model workdir
-  data       prompts of the synthetic instruction tasks (or config.data.train records)
+  data       `rlhf.prompts` of the synthetic world (`fft.rl.tasks`: the instruction tasks, or
+             review openings for controlled sentiment generation), or config.data.train records
   learner    fft.rl.ppo: rollouts as the loop's train_data, the clipped PPO loss as its loss_fn
   evals      greedy responses on held-out prompts: true reward (judge), win rate against the
-             starting model, KL to the reference on sampled responses, reward-model score
+             starting model, reward-model score; sampled responses: KL to the reference and
+             their true reward
 """
 
 from __future__ import annotations

@@ -132,7 +132,8 @@ class Reviews:
         return out
 
     def _continuation(self, rng: random.Random, words: dict[str, list[str]]) -> str:
-        """ " <adjective>." then 0-2 review sentences, each part of a random polarity."""
+        """A space, an adjective and a period, then 0-2 review sentences (each part of a random
+        polarity, so two continuations usually differ in sentiment)."""
         lex = self.grammar.lex
         nouns = lex.nouns[:400]
         out = [" " + rng.choice(words[rng.choice(LABEL_NAMES)]) + "."]
