@@ -60,6 +60,8 @@ def get_config(variant: str = ""):
     if variant == "sentiment":
         # Controlled sentiment generation (fft.rl.tasks 'reviews') from the base model itself.
         c.init_from = "fft:tiny"
+        c.steps = 200  # 1.6 passes over the 4,000 pairs
+        c.optim.lr = 1e-3  # the PPO variant's LoRA lr (5e-5 barely moved in 150 steps)
         c.seq_len = 64  # an opening (~12 tokens) + a synthesised continuation (<= 45 tokens)
         d.prompts = "reviews"
         d.eval_prompts = 128  # held-out openings
