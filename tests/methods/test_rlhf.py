@@ -32,7 +32,7 @@ def test_ppo_smoke(ppo_run):
     workdir, results = ppo_run
     assert results["steps"] == 4
     for split in ("before", "after"):
-        assert {"true_reward", "win_rate", "kl"} <= set(results[split])
+        assert {"true_reward", "true_reward_sampled", "win_rate", "kl"} <= set(results[split])
     assert results["before"]["win_rate"] == 0.5 and results["before"]["kl"] == 0.0
     lines = _train_lines(workdir)
     keys = {"reward", "true_reward", "kl", "kl_coef", "entropy", "clip_frac", "value_loss",
