@@ -68,7 +68,7 @@ class Reviews:
         lex = self.grammar.lex
         other = LABEL_NAMES[1 - LABEL_NAMES.index(label)]
         nouns = lex.nouns[:400]
-        slots = dict(P=rng.choice(nouns), PLACE=rng.choice(lex.places), NAME=rng.choice(lex.names))
+        slots = self._slots(rng)
         body = [(rng.choice(SENTIMENT), label) for _ in range(rng.randint(2, 3))]
         if rng.random() < 0.3:
             body.append((rng.choice(CONTRAST), other))
@@ -91,12 +91,15 @@ class Reviews:
         pos, neg = found.count("positive"), found.count("negative")
         return (pos - neg) / (pos + neg + 1)
 
-    def _opening(self, rng: random.Random) -> str:
+    def _slots(self, rng: random.Random) -> dict[str, str]:
+        """The product, place and name a review's templates refer to."""
         lex = self.grammar.lex
-        slots = dict(
+        return dict(
             P=rng.choice(lex.nouns[:400]), PLACE=rng.choice(lex.places), NAME=rng.choice(lex.names)
         )
-        return join_tokens(rng.choice(OPENINGS).format(**slots).split())
+
+    def _opening(self, rng: random.Random) -> str:
+        return join_tokens(rng.choice(OPENINGS).format(**self._slots(rng)).split())
 
     def _prompt(self, rng: random.Random) -> str:
         # The opening, then "The <noun> was": the general corpus continues that with an
