@@ -9,6 +9,8 @@ setup(
     "continual pre-training, RLHF.",
     python_requires=">=3.11",
     packages=find_packages(include=["fft", "fft.*"]),
+    # The CPU decode kernels are compiled from source on first use (fft/kernels/cpu.py).
+    package_data={"fft": ["*.html"], "fft.kernels": ["*.cc"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

@@ -6,6 +6,8 @@ Public API (imported lazily so `import fft` stays cheap):
   fft.export(workdir_or_model, out_dir, format="hf"|"peft", merge=False)
 """
 
+import os
+
 import flax
 
 # flax >= 0.12 shards variables eagerly when they carry sharding names; fft places state itself
@@ -14,6 +16,11 @@ flax.config.update("flax_always_shard_variable", False)
 
 __version__ = "0.1.0"
 __all__ = ["load", "generate", "export"]
+
+
+def cache_dir() -> str:
+    """Root of fft's cache: `$FFT_CACHE`, default `~/.cache/fft` (base models, built kernels)."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("FFT_CACHE", "~/.cache/fft")))
 
 
 def __getattr__(name):

@@ -5,13 +5,14 @@ exactly prompt + new tokens, then a `lax.while_loop` that decodes one token per 
 early once every row has hit a stop token. It returns the new tokens, their log-probabilities
 under the raw (temperature 1) model distribution, and a mask up to and including the first stop.
 `generate` wraps it with a tokenizer: strings in, strings out.
+
+On x86-64 CPUs (without an active mesh) the loop's small-batch matmuls and its attention over
+the cache run `fft.kernels.cpu` kernels instead of XLA's dots (same tokens; see that module).
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import platform
 import sys
 import types
 from collections.abc import Sequence
@@ -21,6 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from fft import sharding
+from fft.kernels import cpu as cpu_kernels
+from fft.models import layers as L
 
 
 @flax.struct.dataclass
@@ -91,6 +96,32 @@ def _generate_impl(
     nucleus,
 ):
     model = nnx.merge(graphdef, state)
+    # Trace-time only: small-batch matmuls in the loop read weights packed for the CPU kernel.
+    with cpu_kernels.decode_weights(L.packable_weights(model) if _kernels_ok() else ()):
+        return _generate_loop(model, prompt_bp, mask_bp, rng, temperature, top_p, stops,
+                              max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
+                              nucleus=nucleus)  # fmt: skip
+
+
+def _kernels_ok() -> bool:
+    """The CPU decode kernel reads whole weights: only without an active mesh (one device)."""
+    return sharding.current() is None and cpu_kernels.available()
+
+
+def _generate_loop(
+    model,
+    prompt_bp,
+    mask_bp,
+    rng,
+    temperature,
+    top_p,
+    stops,
+    *,
+    max_new_tokens,
+    greedy,
+    top_k,
+    nucleus,
+):
     b, p = prompt_bp.shape
     n = max_new_tokens
     mask_bp = mask_bp.astype(bool)
@@ -147,29 +178,7 @@ def _generate_impl(
 # Only what changes the program is static; temperature, top_p and the stop ids are traced so
 # that sweeping them (RLHF, evals) does not recompile.
 _STATIC = ("graphdef", "max_new_tokens", "greedy", "top_k", "nucleus")
-# On x86 CPUs the decode loop's dots go to oneDNN: at decode batch sizes they are weight-
-# bandwidth bound and oneDNN streams the weights faster than XLA's own kernels (fft.bench
-# generate, 20m, batch 8, interleaved A/B on a 2-core Zen3: 1.48x, same tokens). Set per function,
-# not through XLA_FLAGS, so the train step keeps XLA's kernels. Fusion type `dot` crashed the
-# compiler on that CPU (BENCHMARKS.md); `individual_dot` is fine. FFT_ONEDNN=0 turns it off.
-_CPU_DECODE_OPTIONS = {
-    "xla_cpu_use_onednn": True,
-    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
-}
-_generate_xla = jax.jit(_generate_impl, static_argnames=_STATIC)
-_generate_onednn = jax.jit(
-    _generate_impl, static_argnames=_STATIC, compiler_options=_CPU_DECODE_OPTIONS
-)
-
-
-def _generate(*args, **kwargs):
-    """The compiled sampler: oneDNN dots on x86 CPUs (see above), XLA's own elsewhere."""
-    use_onednn = (
-        jax.default_backend() == "cpu"
-        and platform.machine().lower() in ("x86_64", "amd64")
-        and os.environ.get("FFT_ONEDNN", "1") != "0"
-    )
-    return (_generate_onednn if use_onednn else _generate_xla)(*args, **kwargs)
+_generate = jax.jit(_generate_impl, static_argnames=_STATIC)
 
 
 def _stop_array(stop_tokens: Sequence[int]) -> jax.Array:

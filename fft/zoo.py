@@ -15,17 +15,12 @@ import os
 
 from absl import logging
 
-from fft import config_lib
+from fft import cache_dir, config_lib
 
 # Bump when the recipe changes, so stale caches are rebuilt rather than silently reused.
 RECIPE_VERSION = (
     "v3"  # v3: v2 rebuilt by the custom weight-gradient dot (4 min 20 s; rounding differs)
 )
-
-
-def cache_dir() -> str:
-    """Root of fft's cache ($FFT_CACHE or ~/.cache/fft)."""
-    return os.path.abspath(os.path.expanduser(os.environ.get("FFT_CACHE", "~/.cache/fft")))
 
 
 def resolve(source: str) -> str:

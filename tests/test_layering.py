@@ -14,6 +14,7 @@ LAYERS = {
     "fft.sharding": 0,
     "fft.metrics": 0,
     "fft.tokenizers": 0,
+    "fft.kernels": 0,
     "fft.models": 1,
     "fft.data": 1,
     "fft.train": 2,

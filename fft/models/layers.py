@@ -18,6 +18,7 @@ from flax import nnx
 
 from fft import sharding
 from fft.config_lib import ConfigError
+from fft.kernels import cpu as cpu_kernels
 from fft.models.config import ModelConfig
 
 # An additive mask value: finite so that a fully masked row (a left-pad query) gives a uniform
@@ -78,6 +79,26 @@ def _dense_bwd(n_in, res, dy):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+def _matmul(x: jax.Array, w: jax.Array, n_in: int, dtype) -> jax.Array:
+    """`dense(x, w)`, or the CPU decode kernel when `cpu_kernels.decode_weights` packed `w`."""
+    packed = cpu_kernels.packed_for(w, math.prod(x.shape[: x.ndim - n_in]))
+    if packed is not None and dtype == jnp.float32:
+        return cpu_kernels.matmul(x, packed, n_in, w.shape[n_in:])
+    return dense(x, w.astype(dtype), n_in)
+
+
+def packable_weights(model: nnx.Module):
+    """`(w, w as [in, out])` for every Linear kernel and Embed table (`attend`) of `model`: what
+    `cpu_kernels.decode_weights` may pack for a decode loop."""
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, Linear):
+            w = m.kernel[...]
+            yield w, w.reshape(math.prod(m.in_shape), -1)
+        elif isinstance(m, Embed):
+            w = m.embedding[...]
+            yield w, w.T
+
+
 class Linear(nnx.Module):
     """y[..., out...] = x[..., in...] . kernel[in..., out...] (+ bias[out...]).
 
@@ -119,7 +140,7 @@ class Linear(nnx.Module):
     def __call__(self, x):
         n_in = len(self.in_shape)
         x = x.astype(self.dtype)
-        y = dense(x, self.kernel[...].astype(self.dtype), n_in)
+        y = _matmul(x, self.kernel[...], n_in, self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.has_lora():
@@ -155,7 +176,12 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x_btd):
-        return dense(x_btd.astype(self.dtype), self.embedding[...].astype(self.dtype).T, 1)
+        """Logits against the table (a tied LM head): `x . embedding^T`."""
+        w = self.embedding[...]
+        packed = cpu_kernels.packed_for(w, math.prod(x_btd.shape[:-1]))
+        if packed is not None and self.dtype == jnp.float32:
+            return cpu_kernels.matmul(x_btd, packed, 1, (w.shape[0],))
+        return dense(x_btd.astype(self.dtype), w.astype(self.dtype).T, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +354,7 @@ class Attention(nnx.Module):
             v_bksh = jax.lax.dynamic_update_slice(
                 v_cache, v_btkh.transpose(0, 2, 1, 3).astype(v_cache.dtype), start
             )
-            out_btnh = self._attend_cache(q_btnh, k_bksh, v_bksh, bias)
+            out_btnh = self._attend_cache(q_btnh, k_bksh, v_bksh, bias, index)
             new_kv = (k_bksh, v_bksh)
         elif self.impl == "cudnn" and not self.softcap:
             out_btnh = self._attend_dpa(q_btnh, k_btkh, v_btkh, bias)
@@ -350,13 +376,17 @@ class Attention(nnx.Module):
             scores = jnp.tanh(scores / self.softcap) * self.softcap
         return jax.nn.softmax(scores + bias, axis=-1)
 
-    def _attend_cache(self, q_btnh, k_bksh, v_bksh, bias):
+    def _attend_cache(self, q_btnh, k_bksh, v_bksh, bias, index=None):
         b, t = q_btnh.shape[:2]
         g = self.n_heads // self.n_kv_heads
         if t == 1:
             # Decode: the length-1 query axis squeezed out makes the score dot a plain batched
             # matvec over the [B,K,S,Dh] cache (BENCHMARKS.md: 140 us instead of 530 us).
             q_bkgh = q_btnh.reshape(b, self.n_kv_heads, g, self.head_dim)
+            if not self.softcap and index is not None:
+                out = cpu_kernels.decode_attention(q_bkgh, k_bksh, v_bksh, bias[:, 0, 0, 0], index)
+                if out is not None:
+                    return out.reshape(b, 1, self.n_heads, self.head_dim).astype(self.dtype)
             s_bkgs = jnp.einsum(
                 "bkgh,bksh->bkgs",
                 q_bkgh.astype(k_bksh.dtype),
