@@ -1,15 +1,17 @@
-"""A CPU decode kernel: small-batch matmul against a packed weight, through `jax.ffi`.
+"""CPU decode kernels through `jax.ffi`: small-batch matmul and attention over the cache.
 
-At decode batch sizes (M <= 8 rows) each weight is read once per step for ~16 flops per float,
-and XLA:CPU's dots run those shapes at ~7 GB/s on the 2-core machines this project measures on.
-`cpu_decode.cc` streams a weight packed as `[O/16, I, 16]` once, with 4 x 16 accumulators in
-registers, split across XLA's intra-op threads (`python -m fft.bench generate`: see README,
-Benchmarks).
+A decode step reads every weight once for 2·M flops per float (M = batch rows) and the KV
+cache once; on the 2-core x86 machines this project measures on, XLA:CPU's dots ran those
+M <= 32 shapes at ~7 GB/s (Eigen splits each small dot over the pool at more cost than work)
+and its attention read the whole static cache. `cpu_decode.cc` streams each weight once in a
+packed `[O/16, I, 16]` layout with 4 x 16 accumulators in registers, reads only the filled
+prefix of the cache, and splits the work between the calling thread and XLA's intra-op pool.
+Both run at ~13-14 GB/s there, close to what the machine streams (README, Benchmarks).
 
 The library is compiled on first use with the system C++ compiler against the FFI headers that
 jaxlib ships, and cached under `$FFT_CACHE/kernels/`. Where that cannot happen (no compiler, no
 AVX2/FMA, not x86-64, not the CPU backend, `FFT_CPU_KERNELS=0`), `available()` is False and
-callers keep XLA's own dots: the kernel is an optimisation, never a requirement.
+callers keep XLA's own code: the kernels are an optimisation, never a requirement.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ _TARGETS = {
     "fft_cpu_pack": "FftCpuPack",
     "fft_cpu_decode_attention": "FftCpuDecodeAttention",
 }
-MAX_ROWS = 8  # above this the matmul is compute-bound and XLA's dots are as good
+MAX_ROWS = 32  # decode batches; prefill-sized matmuls are compute-bound and stay with XLA
 STRIP = 16  # output columns per packed strip
 
 
@@ -174,11 +176,11 @@ def decode_attention(q_bkgd, k_bksd, v_bksd, bias_bs, index) -> jax.Array | None
 
     `q [B,K,G,D]` (already scaled), cache `k, v [B,K,S,D]` with this step written at slot
     `index`, additive `bias [B,S]` (float32). Reads slots 0..index only: later slots are empty
-    and masked, so the result equals the full softmax. Float32 only, D % 8 == 0, G <= 16.
+    and masked, so the result equals the full softmax. Float32 only, D % 8 == 0.
     """
-    d, g = q_bkgd.shape[-1], q_bkgd.shape[2]
+    d = q_bkgd.shape[-1]
     arrays = (q_bkgd, k_bksd, v_bksd, bias_bs)
-    if not active() or d % 8 or g > 16 or any(a.dtype != jnp.float32 for a in arrays):
+    if not active() or d % 8 or any(a.dtype != jnp.float32 for a in arrays):
         return None
     call = jax.ffi.ffi_call(
         "fft_cpu_decode_attention", jax.ShapeDtypeStruct(q_bkgd.shape, jnp.float32)

@@ -1,10 +1,10 @@
-// Small-batch matmul for CPU decoding: y[M, O] = x[M, I] . W, M <= 8, W packed [O/16][I][16].
-//
-// At decode batch sizes every weight is read once per step for ~16 flops per float. XLA:CPU's
-// dots run these shapes at ~7 GB/s on a 2-core Zen3 (Eigen spreads each one over the pool with
-// more overhead than work); this loop streams the packed weight once, keeps 4 rows x 16
-// columns of accumulators in registers, and splits the 16-column strips between the calling
-// thread and XLA's intra-op pool (fft/kernels/cpu.py builds it; AVX2 + FMA, float32).
+// CPU decode kernels (fft/kernels/cpu.py builds and registers them; AVX2 + FMA, float32):
+//   FftCpuSmallMatmul      y[M, O] = x[M, I] . W for decode batches, W packed [O/16][I][16]
+//   FftCpuPack             W[I, O] -> [O/16][I][16]
+//   FftCpuDecodeAttention  one query per row against the filled prefix of the KV cache
+// Each weight and each cache slot is read once per step; the work is split between the
+// calling thread and XLA's intra-op pool, which XLA:CPU's own small dots do at more cost than
+// the work itself on 2-core machines.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -117,23 +117,92 @@ ffi::Error Pack(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer
   return ffi::Error::Success();
 }
 
-inline float HorizontalSum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+// Lane j of the result is the sum of the lanes of a[j].
+inline __m256 Sum8x8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// exp(x) for x <= 0 (Cephes' polynomial, ~1 ulp); exactly 0 below -87 like a masked score.
+inline __m256 Exp(__m256 x) {
+  const __m256 zero_below = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(zero_below, y);
+}
+
+// Softmax attention of one query row q[d] over rows 0..len-1 of k, v [*, d] (row stride d),
+// additive bias[len]; p is scratch of len rounded up to 8. Writes out[d].
+void AttendOne(const float* q, const float* k, const float* v, const float* bias, int64_t len,
+               int64_t d, float* p, float* out) {
+  const int64_t padded = (len + 7) / 8 * 8;
+  __m256 mx = _mm256_set1_ps(-3.0e38f);
+  for (int64_t t0 = 0; t0 < padded; t0 += 8) {
+    __m256 a[8];
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+    const int64_t n = std::min<int64_t>(8, len - t0);
+    for (int64_t e = 0; e < d; e += 8) {
+      const __m256 qe = _mm256_loadu_ps(q + e);
+      for (int64_t j = 0; j < n; ++j)
+        a[j] = _mm256_fmadd_ps(qe, _mm256_loadu_ps(k + (t0 + j) * d + e), a[j]);
+    }
+    float sc[8];
+    _mm256_storeu_ps(sc, Sum8x8(a));
+    for (int64_t j = 0; j < 8; ++j) sc[j] = j < n ? sc[j] + bias[t0 + j] : -3.0e38f;
+    const __m256 s = _mm256_loadu_ps(sc);
+    _mm256_storeu_ps(p + t0, s);
+    mx = _mm256_max_ps(mx, s);
+  }
+  float m8[8];
+  _mm256_storeu_ps(m8, mx);
+  const __m256 m = _mm256_set1_ps(*std::max_element(m8, m8 + 8));
+  __m256 tot = _mm256_setzero_ps();
+  for (int64_t t0 = 0; t0 < padded; t0 += 8) {
+    const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(p + t0), m));
+    _mm256_storeu_ps(p + t0, e);
+    tot = _mm256_add_ps(tot, e);
+  }
+  float t8[8];
+  _mm256_storeu_ps(t8, tot);
+  float sum = 0.f;
+  for (float t : t8) sum += t;
+  const __m256 inv = _mm256_set1_ps(1.0f / sum);
+  for (int64_t e0 = 0; e0 < d; e0 += 64) {  // up to 8 output vectors held in registers
+    const int64_t nv = std::min<int64_t>(8, (d - e0) / 8);
+    __m256 o[8];
+    for (int64_t i = 0; i < nv; ++i) o[i] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) {
+      const __m256 pt = _mm256_broadcast_ss(p + t);
+      const float* vt = v + t * d + e0;
+      for (int64_t i = 0; i < nv; ++i) o[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8 * i), o[i]);
+    }
+    for (int64_t i = 0; i < nv; ++i) _mm256_storeu_ps(out + e0 + 8 * i, _mm256_mul_ps(o[i], inv));
+  }
 }
 
 // One decode step of attention: q[B,K,G,D] (scaled) against cache slots [0, index] of
-// k, v [B,K,S,D] with additive bias[B,S]; out[B,K,G,D]. Slots past `index` are never written
-// yet (their bias is -inf), so reading only the filled prefix is exact. D % 8 == 0, G <= 16.
+// k, v [B,K,S,D] with additive bias[B,S]; out[B,K,G,D]. Slots past `index` are not written
+// yet (their bias is -inf), so reading only the filled prefix is exact. D % 8 == 0.
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
                            ffi::Buffer<ffi::S32> index, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] ||
-      qd[3] % 8 || qd[2] > 16)
+      qd[3] % 8)
     return ffi::Error::InvalidArgument("fft_cpu_decode_attention: bad shapes");
   const int64_t b = qd[0], nk = qd[1], g = qd[2], d = qd[3], s = kd[2];
   const int64_t len = std::min<int64_t>(s, std::max<int64_t>(0, *index.typed_data()) + 1);
@@ -141,45 +210,11 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const float* bp = bias.typed_data();
   float* op = out->typed_data();
   ParallelFor(pool, b * nk, 1, [&](int64_t u0, int64_t u1) {
-    std::unique_ptr<float[]> p(new float[16 * len]);
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t row = u / nk;
-      const float* qu = qp + u * g * d;
-      const float* ku = kp + u * s * d;
-      const float* vu = vp + u * s * d;
-      const float* bu = bp + row * s;
-      float mx[16], sum[16];
-      for (int64_t j = 0; j < g; ++j) mx[j] = -3.0e38f;
-      for (int64_t t = 0; t < len; ++t) {
-        const float* kt = ku + t * d;
-        for (int64_t j = 0; j < g; ++j) {
-          __m256 acc = _mm256_setzero_ps();
-          for (int64_t e = 0; e < d; e += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qu + j * d + e), _mm256_loadu_ps(kt + e), acc);
-          const float sc = HorizontalSum(acc) + bu[t];
-          p[j * len + t] = sc;
-          mx[j] = std::max(mx[j], sc);
-        }
-      }
-      for (int64_t j = 0; j < g; ++j) {
-        float tot = 0.f;
-        for (int64_t t = 0; t < len; ++t) tot += (p[j * len + t] = std::exp(p[j * len + t] - mx[j]));
-        sum[j] = tot;
-      }
-      for (int64_t j = 0; j < g; ++j) {
-        float* oj = op + (u * g + j) * d;
-        for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(oj + e, _mm256_setzero_ps());
-      }
-      for (int64_t t = 0; t < len; ++t) {
-        const float* vt = vu + t * d;
-        for (int64_t j = 0; j < g; ++j) {
-          const __m256 pj = _mm256_set1_ps(p[j * len + t] / sum[j]);
-          float* oj = op + (u * g + j) * d;
-          for (int64_t e = 0; e < d; e += 8)
-            _mm256_storeu_ps(oj + e, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vt + e), _mm256_loadu_ps(oj + e)));
-        }
-      }
-    }
+    std::unique_ptr<float[]> p(new float[(len + 7) / 8 * 8]);
+    for (int64_t u = u0; u < u1; ++u)
+      for (int64_t j = 0; j < g; ++j)
+        AttendOne(qp + (u * g + j) * d, kp + u * s * d, vp + u * s * d, bp + (u / nk) * s, len, d,
+                  p.get(), op + (u * g + j) * d);
   });
   return ffi::Error::Success();
 }

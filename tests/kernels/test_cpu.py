@@ -30,7 +30,7 @@ def test_built_where_a_compiler_and_avx2_exist():
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [1, 3, 4, 7, 8])
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 8, 13, 32])
 @pytest.mark.parametrize("i,o", [(64, 16), (48, 96), (384, 1024)])
 def test_small_matmul_equals_dot(m, i, o):
     rng = np.random.default_rng(m + i + o)
