@@ -23,7 +23,7 @@ import numpy as np
 
 _BASE: dict = {}
 
-# XLA:CPU oneDNN for dots, per compiled function (what fft.generate uses for decoding on x86).
+# XLA:CPU oneDNN for dots, per compiled function (`bench train --onednn`: an A/B lead).
 ONEDNN_OPTIONS = {
     "xla_cpu_use_onednn": True,
     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",

@@ -66,6 +66,7 @@ def _build(cache: str) -> str:
     if os.path.exists(lib):
         return lib
     os.makedirs(cache, exist_ok=True)
+    logging.info("Building fft's CPU decode kernels into %s (once; a few seconds).", lib)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     cmd = [cxx, "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w",
