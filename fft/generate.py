@@ -104,8 +104,10 @@ def _generate_impl(
 
 
 def _kernels_ok() -> bool:
-    """The CPU decode kernel reads whole weights: only without an active mesh (one device)."""
-    return sharding.current() is None and cpu_kernels.available()
+    """The CPU decode kernels read whole weights: only on one device (no mesh, or a 1-device
+    mesh such as the training loop's on a single CPU)."""
+    ctx = sharding.current()
+    return (ctx is None or ctx[0].size == 1) and cpu_kernels.available()
 
 
 def _generate_loop(
