@@ -6,8 +6,8 @@ early once every row has hit a stop token. It returns the new tokens, their log-
 under the raw (temperature 1) model distribution, and a mask up to and including the first stop.
 `generate` wraps it with a tokenizer: strings in, strings out.
 
-On x86-64 CPUs (without an active mesh) the loop's small-batch matmuls and its attention over
-the cache run `fft.kernels.cpu` kernels instead of XLA's dots (same tokens; see that module).
+On one x86-64 CPU device (no mesh, or a 1-device one) the loop's small-batch matmuls and its
+attention over the cache run `fft.kernels.cpu` kernels instead of XLA's dots (same tokens).
 """
 
 from __future__ import annotations
