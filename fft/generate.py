@@ -80,27 +80,12 @@ def sample_logits(logits_bv, rng, *, temperature, top_k: int, top_p, greedy=None
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _generate_impl(
-    graphdef,
-    state,
-    prompt_bp,
-    mask_bp,
-    rng,
-    temperature,
-    top_p,
-    stops,
-    *,
-    max_new_tokens,
-    greedy,
-    top_k,
-    nucleus,
-):
+def _generate_impl(graphdef, state, *args, **kwargs):
+    """`_generate_loop` on the merged model; with the CPU kernels' packed weights registered
+    for this trace (packing runs once per call, outside the loop)."""
     model = nnx.merge(graphdef, state)
-    # Trace-time only: small-batch matmuls in the loop read weights packed for the CPU kernel.
     with cpu_kernels.decode_weights(L.packable_weights(model) if _kernels_ok() else ()):
-        return _generate_loop(model, prompt_bp, mask_bp, rng, temperature, top_p, stops,
-                              max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
-                              nucleus=nucleus)  # fmt: skip
+        return _generate_loop(model, *args, **kwargs)
 
 
 def _kernels_ok() -> bool:
