@@ -84,7 +84,9 @@ def _generate_impl(graphdef, state, *args, **kwargs):
     """`_generate_loop` on the merged model; with the CPU kernels' packed weights registered
     for this trace (packing runs once per call, outside the loop)."""
     model = nnx.merge(graphdef, state)
-    with cpu_kernels.decode_weights(L.packable_weights(model) if _kernels_ok() else ()):
+    if not _kernels_ok():
+        return _generate_loop(model, *args, **kwargs)
+    with cpu_kernels.decode_weights(L.packable_weights(model)):
         return _generate_loop(model, *args, **kwargs)
 
 

@@ -97,7 +97,8 @@ def test_generate_uses_the_kernels_and_matches_xla(monkeypatch):
     fast = gen.generate_tokens(model, tokens, mask, max_new_tokens=12)
 
     monkeypatch.setattr(gen, "_kernels_ok", lambda: False)
-    assert "fft_cpu_small_matmul" not in _generate_hlo(model, tokens, mask)
+    hlo = _generate_hlo(model, tokens, mask)
+    assert "fft_cpu_small_matmul" not in hlo and "fft_cpu_decode_attention" not in hlo
     # A new static value forces a retrace without the kernels (the cache key ignores the patch).
     slow = gen.generate_tokens(model, tokens, mask, max_new_tokens=12, top_k=cfg.vocab_size)
     np.testing.assert_array_equal(fast.tokens, slow.tokens)
