@@ -79,9 +79,10 @@ def _dense_bwd(n_in, res, dy):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def _matmul(x: jax.Array, w: jax.Array, n_in: int, dtype) -> jax.Array:
-    """`dense(x, w)`, or the CPU decode kernel when `cpu_kernels.decode_weights` packed `w`."""
-    packed = cpu_kernels.packed_for(w, math.prod(x.shape[: x.ndim - n_in]))
+def _matmul(x: jax.Array, w: jax.Array, n_in: int, dtype, key=None) -> jax.Array:
+    """`dense(x, w)`, or the CPU decode kernel when `cpu_kernels.decode_weights` packed `w`
+    (registered under `key`, the array the model holds, when `w` is derived from it)."""
+    packed = cpu_kernels.packed_for(w if key is None else key, math.prod(x.shape[: x.ndim - n_in]))
     if packed is not None and dtype == jnp.float32:
         return cpu_kernels.matmul(x, packed, n_in, w.shape[n_in:])
     return dense(x, w.astype(dtype), n_in)
@@ -178,10 +179,7 @@ class Embed(nnx.Module):
     def attend(self, x_btd):
         """Logits against the table (a tied LM head): `x . embedding^T`."""
         w = self.embedding[...]
-        packed = cpu_kernels.packed_for(w, math.prod(x_btd.shape[:-1]))
-        if packed is not None and self.dtype == jnp.float32:
-            return cpu_kernels.matmul(x_btd, packed, 1, (w.shape[0],))
-        return dense(x_btd.astype(self.dtype), w.astype(self.dtype).T, 1)
+        return _matmul(x_btd.astype(self.dtype), w.T, 1, self.dtype, key=w)
 
 
 # ---------------------------------------------------------------------------------------------
