@@ -14,17 +14,18 @@ from fft.interop import hf
 from fft.models.config import ModelConfig
 
 
-def load(source: str):
+def load(source: str | os.PathLike):
     """Loads a model for inference.
 
     Args:
       source: a preset (`'fft:tiny'`), a local HF model directory, or an fft workdir (then its
-        latest checkpoint, LoRA merged).
+        latest checkpoint, LoRA merged); a str or an os.PathLike.
 
     Returns:
       (model, tokenizer): an NNX decoder (or encoder) and its tokenizer.
     """
-    path = zoo.resolve(source)
+    source = os.fspath(source) if source else ""
+    path = zoo.resolve(source, what=f"fft.load({source!r})")
     if not path:
         raise FFTError("fft.load needs a source: 'fft:tiny', an HF directory or an fft workdir.")
     spec = pretrained.load_spec(path)
@@ -45,12 +46,19 @@ def build_loaded(model_config: ModelConfig, load_weights):
     return nnx.merge(graphdef, state)
 
 
-def export(workdir_or_model, out_dir: str, format: str = "hf", merge: bool = False, tokenizer=None):
+def export(
+    workdir_or_model,
+    out_dir: str | os.PathLike,
+    format: str = "hf",
+    merge: bool = False,
+    tokenizer=None,
+):
     """Writes a HuggingFace model directory or a PEFT adapter.
 
     Args:
-      workdir_or_model: an fft workdir, or an in-memory decoder (then pass `tokenizer`).
-      out_dir: directory to create.
+      workdir_or_model: an fft workdir (str or os.PathLike), or an in-memory decoder (then
+        pass `tokenizer`).
+      out_dir: directory to create (str or os.PathLike).
       format: 'hf' (config.json + model.safetensors + tokenizer) or 'peft' (LoRA adapter only).
       merge: for a LoRA run with format='hf', fold the adapters into the base weights (always
         done for 'hf'; kept for API symmetry) — with format='peft' it is an error.
@@ -62,8 +70,10 @@ def export(workdir_or_model, out_dir: str, format: str = "hf", merge: bool = Fal
 
     if format not in ("hf", "peft"):
         raise FFTError(f"export format={format!r}: choose 'hf' or 'peft'.")
-    if isinstance(workdir_or_model, str):
-        workdir = zoo.resolve(workdir_or_model)
+    out_dir = os.fspath(out_dir)
+    if isinstance(workdir_or_model, str | os.PathLike):
+        source = os.fspath(workdir_or_model)
+        workdir = zoo.resolve(source, what=f"fft.export({source!r})")
         spec = pretrained.load_spec(workdir)
         tokenizer = spec.tokenizer
         if format == "peft":

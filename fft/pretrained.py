@@ -2,8 +2,10 @@
 
 `load_spec(path)` reads the architecture and tokenizer and returns a `load_weights` function
 that the train loop calls with the new model's abstract state and shardings. Loading is partial
-by design: leaves the source does not have (a new classification head, fresh LoRA adapters,
-rows of an extended vocabulary) keep their fresh initialisation.
+by design, never silently: LoRA adapters, new heads and new vocabulary rows keep their fresh
+initialisation (the log counts them), while a backbone weight the source lacks is an FFTError
+naming it. Names map across `scan_layers` settings (`layers.3.attn…` <-> row 3 of a stacked
+`layers.attn…`) and into wrappers (`backbone.layers.0…`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import logging
 import os
+import re
 from collections.abc import Callable
 
 import jax
@@ -22,6 +26,8 @@ from fft import tokenizers
 from fft.config_lib import FFTError
 from fft.models.config import ModelConfig
 from fft.models.encoder import EncoderConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -34,8 +40,9 @@ class Spec:
     kind: str  # 'fft' | 'hf'
 
 
-def kind_of(path: str) -> str:
+def kind_of(path: str | os.PathLike) -> str:
     """'fft' for an fft workdir / checkpoint dir, 'hf' for a HuggingFace model dir."""
+    path = os.fspath(path)
     if os.path.exists(os.path.join(path, "model.json")):
         return "fft"
     if os.path.exists(os.path.join(path, "config.json")) and (
@@ -48,13 +55,26 @@ def kind_of(path: str) -> str:
     )
 
 
-def load_spec(path: str) -> Spec:
-    """Reads architecture + tokenizer of `path`; weights are read later by `load_weights`."""
+def load_spec(path: str | os.PathLike) -> Spec:
+    """Reads architecture + tokenizer of `path`; weights are read later by `load_weights`.
+
+    `load_weights(abstract_state, shardings=None)` fills every backbone weight or raises
+    FFTError naming the missing ones (see `check_loaded`); LoRA adapters, new heads and new
+    vocabulary rows keep the caller's fresh init.
+    """
+    path = os.fspath(path)
     kind = kind_of(path)
     if kind == "hf":
         from fft.interop import hf
 
-        return Spec(*hf.load_spec(path), kind="hf")
+        model_config, tokenizer, read = hf.load_spec(path)
+
+        def load_weights(abstract_state, shardings=None):
+            loaded = read(abstract_state, shardings)
+            check_loaded(abstract_state, loaded, model_config, path)
+            return loaded
+
+        return Spec(model_config, tokenizer, load_weights, kind="hf")
     with open(os.path.join(path, "model.json")) as f:
         raw = json.load(f)
     model_config = (
@@ -63,7 +83,8 @@ def load_spec(path: str) -> Spec:
     tokenizer = tokenizers.load_tokenizer(os.path.join(path, "tokenizer"))
 
     def load_weights(abstract_state, shardings=None):
-        return place(read_fft_params(path), abstract_state, shardings)
+        flat = read_fft_params(path)
+        return place(flat, abstract_state, shardings, model_config=model_config, source=path)
 
     return Spec(model_config, tokenizer, load_weights, kind="fft")
 
@@ -72,8 +93,9 @@ def _path_str(path) -> str:
     return ".".join(str(getattr(p, "key", p)) for p in path)
 
 
-def latest_checkpoint(workdir: str) -> str:
+def latest_checkpoint(workdir: str | os.PathLike) -> str:
     """The newest complete checkpoint item dir under `workdir/checkpoints` (or workdir itself)."""
+    workdir = os.fspath(workdir)
     roots = [os.path.join(workdir, "checkpoints"), workdir]
     for root in roots:
         steps = sorted(
@@ -87,16 +109,17 @@ def latest_checkpoint(workdir: str) -> str:
     raise FFTError(f"{workdir}: no checkpoint found under checkpoints/. Did the run save one?")
 
 
-def read_fft_params(workdir: str) -> dict[str, np.ndarray]:
+def read_fft_params(workdir: str | os.PathLike) -> dict[str, np.ndarray]:
     """{'layers.0.attn.q.kernel': array, ...} from an fft workdir's latest checkpoint.
 
     Trainable and frozen parts are merged, and LoRA adapters are folded into their kernels
     (kernel += a @ b * scale) so the result is a plain set of base weights.
     """
+    workdir = os.fspath(workdir)
     return fold_lora(read_raw_params(workdir), _lora_scale(workdir))
 
 
-def read_raw_params(workdir: str) -> dict[str, np.ndarray]:
+def read_raw_params(workdir: str | os.PathLike) -> dict[str, np.ndarray]:
     """Like `read_fft_params`, but LoRA adapters are kept as `X.lora_a` / `X.lora_b`."""
     import orbax.checkpoint as ocp
     from etils import epath
@@ -137,41 +160,139 @@ def _lora_scale(workdir: str) -> float:
     return alpha / (rank**0.5) if lora.get("rslora") else alpha / rank
 
 
+def fold_adapter(kernel: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    """`kernel + a.b * scale` in the kernel's dtype, for one LoRA pair (the one fold fft has).
+
+    Args:
+      kernel: `[in..., out...]`, or `[L, in..., out...]` for scan-stacked layers.
+      a: `[in..., r]` (stacked: `[L, in..., r]`).
+      b: `[r, out...]` (stacked: `[L, r, out...]`).
+      scale: the adapters' `alpha / rank` (or rsLoRA's `alpha / sqrt(rank)`).
+
+    Returns:
+      The folded kernel, same shape and dtype as `kernel`.
+    """
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    n_lead = a.ndim + b.ndim - 2 - kernel.ndim  # 1 when a and b carry the stacked layer axis
+    lead, in_shape, out_shape = a.shape[:n_lead], a.shape[n_lead:-1], b.shape[n_lead + 1 :]
+    if n_lead < 0 or tuple(kernel.shape) != lead + in_shape + out_shape or b.shape[:n_lead] != lead:
+        raise FFTError(
+            f"LoRA adapters a{a.shape} . b{b.shape} do not fit their kernel {kernel.shape}"
+        )
+    # Flatten in/out so one batched matmul covers plain and stacked pairs alike.
+    a2 = a.reshape(lead + (int(np.prod(in_shape)), a.shape[-1]))
+    b2 = b.reshape(lead + (b.shape[n_lead], int(np.prod(out_shape))))
+    delta = np.matmul(a2, b2).reshape(kernel.shape)
+    return (np.asarray(kernel, np.float32) + delta * scale).astype(kernel.dtype)
+
+
 def fold_lora(flat: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
-    """Merges `X.lora_a`/`X.lora_b` pairs into `X.kernel` and drops them."""
+    """Merges `X.lora_a`/`X.lora_b` pairs into `X.kernel` and drops them (stacked pairs too)."""
     out = dict(flat)
     for name in [n for n in flat if n.endswith(".lora_a")]:
         prefix = name[: -len(".lora_a")]
         a, b = out.pop(name), out.pop(prefix + ".lora_b")
-        kernel = out[prefix + ".kernel"]
-        out[prefix + ".kernel"] = (kernel + np.tensordot(a, b, axes=1) * scale).astype(kernel.dtype)
+        out[prefix + ".kernel"] = fold_adapter(out[prefix + ".kernel"], a, b, scale)
     return out
 
 
-def place(flat: dict[str, np.ndarray], abstract_state, shardings=None):
+# =============================================================================================
+# Placing a flat checkpoint into a model: stacked <-> per-layer names, wrappers, loud gaps
+# =============================================================================================
+
+# Vocabulary-bearing leaves and their vocab axis: a grown vocabulary keeps the old rows.
+_VOCAB_AXIS = {"embed.embedding": 0, "lm_head.kernel": -1}
+
+
+def _lookup(flat: dict[str, np.ndarray], parts: list[str], shape: tuple) -> np.ndarray | None:
+    """The source array for the leaf named `parts`: itself, or the same weight saved with the
+    other `scan_layers` setting (`layers.3.attn…` is row 3 of `layers.attn…`; a stacked
+    `layers.attn…` is `layers.0.attn…`, `layers.1.attn…`, … stacked)."""
+    key = ".".join(parts)
+    if key in flat:
+        return flat[key]
+    for i, part in enumerate(parts[:-1]):
+        if part != "layers":
+            continue
+        nxt = parts[i + 1]
+        if nxt.isdigit():  # per-layer target, stacked source
+            stacked = flat.get(".".join(parts[: i + 1] + parts[i + 2 :]))
+            if stacked is not None and stacked.ndim and int(nxt) < stacked.shape[0]:
+                return stacked[int(nxt)]
+        elif shape:  # stacked target, per-layer source
+            rows = [
+                flat.get(".".join([*parts[: i + 1], str(j), *parts[i + 1 :]]))
+                for j in range(shape[0])
+            ]
+            if all(r is not None for r in rows):
+                return np.stack(rows)
+    return None
+
+
+def _find(flat: dict[str, np.ndarray], name: str, shape: tuple) -> np.ndarray | None:
+    """`_lookup` of `name`, then of its shorter suffixes: a backbone saved on its own fills the
+    same leaves nested in a wrapper ('backbone.layers.0…' <- 'layers.0…')."""
+    parts = name.split(".")
+    for i in range(len(parts)):
+        src = _lookup(flat, parts[i:], shape)
+        if src is not None:
+            return src
+    return None
+
+
+def _grow_vocab(name: str, src: np.ndarray, shape: tuple) -> tuple[np.ndarray, int] | None:
+    """(`src` grown along its vocab axis to `shape`, new row count), or None when `name` is no
+    vocabulary leaf or the shapes differ otherwise. New rows are the mean of the old ones."""
+    axis = next((ax for k, ax in _VOCAB_AXIS.items() if name == k or name.endswith("." + k)), None)
+    if axis is None or src.ndim != len(shape):
+        return None
+    old, new = np.moveaxis(src, axis, 0), np.moveaxis(np.empty(shape, src.dtype), axis, 0)
+    if old.shape[1:] != new.shape[1:] or old.shape[0] >= new.shape[0]:
+        return None
+    new[: old.shape[0]] = old
+    # The mean row: a new token starts as an average token rather than noise at another scale.
+    new[old.shape[0] :] = old.astype(np.float32).mean(axis=0).astype(src.dtype)
+    return np.moveaxis(new, 0, axis), new.shape[0] - old.shape[0]
+
+
+def place(flat, abstract_state, shardings=None, *, model_config=None, source: str = "checkpoint"):
     """An nnx.State with the leaves of `abstract_state` found in `flat`, placed on devices.
 
-    Leaves missing from `flat`, or with another shape, are left out (the caller keeps their
-    fresh init); each array goes straight into its sharding, one tensor at a time.
+    Args:
+      flat: `{'layers.0.attn.q.kernel': array}` (per-layer or scan-stacked names; either fills
+        either layout).
+      abstract_state: nnx.State of the target model (shapes and dtypes).
+      shardings: optional pytree of NamedSharding matching `abstract_state`; each array goes
+        straight into its sharding, one tensor at a time.
+      model_config: the source's architecture. When given, every parameter of that backbone
+        must be filled (else FFTError listing what is missing); LoRA adapters, new heads and
+        new vocabulary rows keep their fresh init, and the log counts them.
+      source: names the source in errors and the log.
+
+    Returns:
+      An nnx.State with exactly the leaves that were loaded (the caller keeps its init for the
+      others).
     """
     shard_flat = {}
     if shardings is not None:
         for path, s in jax.tree_util.tree_leaves_with_path(shardings):
             shard_flat[_path_str(path)] = s
 
-    leaves = {}
+    leaves, wrong, grown = {}, {}, []
     for path, var in nnx.to_flat_state(abstract_state):
         name = ".".join(str(p) for p in path)
-        # A backbone saved on its own fills the same leaves nested in a wrapper
-        # ('backbone.layers.0…' <- 'layers.0…'): try the name, then shorter suffixes.
-        parts = name.split(".")
-        src = next(
-            (flat[k] for k in (".".join(parts[i:]) for i in range(len(parts))) if k in flat), None
-        )
-        shape = tuple(var.value.shape) if hasattr(var, "value") else tuple(var.shape)
-        if src is None or tuple(src.shape) != shape:
+        value = var.get_value() if hasattr(var, "get_value") else var
+        shape, dtype = tuple(value.shape), value.dtype
+        src = _find(flat, name, shape)
+        if src is None:
             continue
-        dtype = var.value.dtype if hasattr(var, "value") else var.dtype
+        if tuple(src.shape) != shape:
+            bigger = _grow_vocab(name, src, shape)
+            if bigger is None:
+                wrong[name] = f"{name}: {tuple(src.shape)} in the source, {shape} in the model"
+                continue
+            src, n_new = bigger
+            grown.append(f"{name} (+{n_new} rows)")
         arr = src.astype(dtype)
         sharding = shard_flat.get(name) or shard_flat.get(name + ".value")
         if sharding is not None:
@@ -179,4 +300,74 @@ def place(flat: dict[str, np.ndarray], abstract_state, shardings=None):
         else:
             arr = jax.numpy.asarray(arr)
         leaves[path] = var.replace(arr) if hasattr(var, "replace") else arr
-    return nnx.from_flat_state(leaves)
+    loaded = nnx.from_flat_state(leaves)
+    if model_config is not None:
+        check_loaded(abstract_state, loaded, model_config, source, wrong=wrong, grown=grown)
+    return loaded
+
+
+def _backbone_names(model_config) -> set[str]:
+    """The parameter names of `model_config`'s bare model, layer indices dropped."""
+    from fft.interop import hf  # build_abstract: Transformer, or Encoder for a BERT config
+
+    state = nnx.state(hf.build_abstract(model_config), nnx.Param)
+    return {_layerless(".".join(map(str, p))) for p, _ in nnx.to_flat_state(state)}
+
+
+def _layerless(name: str) -> str:
+    """'backbone.layers.3.attn.q.kernel' -> 'backbone.layers.attn.q.kernel' (both layouts)."""
+    return re.sub(r"(^|\.)layers\.\d+(?=\.)", r"\1layers", name)
+
+
+def check_loaded(abstract_state, loaded, model_config, source: str, *, wrong=None, grown=()):
+    """Raises FFTError when a backbone parameter of `abstract_state` is not in `loaded`.
+
+    Only LoRA adapters, new heads (leaves outside `model_config`'s model, found by path suffix
+    as wrappers nest it) and new vocabulary rows may keep their fresh init; the log says which
+    and how many.
+
+    Args:
+      abstract_state: nnx.State of the target model.
+      loaded: the nnx.State a loader returned for it.
+      model_config: the source's architecture (its parameters are the backbone).
+      source: the path named in the message.
+      wrong: {name: why} for leaves the source has in another shape.
+      grown: descriptions of vocabulary leaves whose new rows were added.
+    """
+    wrong = wrong or {}
+    got = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(loaded)}
+    backbone = _backbone_names(model_config)
+    missing, fresh = [], {"LoRA adapter": [], "new head": []}
+    for path, var in nnx.to_flat_state(abstract_state):
+        name = ".".join(map(str, path))
+        if name in got or not isinstance(var, nnx.Param):
+            continue  # loaded, or not a weight (RNG counters of dropout layers, ...)
+        parts = _layerless(name).split(".")
+        if path[-1] in ("lora_a", "lora_b"):
+            fresh["LoRA adapter"].append(name)
+        elif any(".".join(parts[i:]) in backbone for i in range(len(parts))):
+            missing.append(wrong.get(name, name))
+        else:
+            fresh["new head"].append(name)
+    if missing:
+        shown = "; ".join(missing[:8]) + (
+            f"; ... ({len(missing)} in all)" if len(missing) > 8 else ""
+        )
+        raise FFTError(
+            f"{source}: {len(missing)} weights the model needs are not in it (or have another "
+            f"shape): {shown}. Is it a checkpoint of this architecture?"
+        )
+    parts = [f"{len(v)} {k}s ({_few(v)})" for k, v in fresh.items() if v]
+    parts += [f"new vocabulary rows: {', '.join(grown)}"] if grown else []
+    if parts:
+        log.info(
+            "loaded %d weights from %s; fresh init kept for %s", len(got), source, "; ".join(parts)
+        )
+    else:
+        log.info(
+            "loaded %d weights from %s; every weight of the model came from it", len(got), source
+        )
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")

@@ -497,6 +497,7 @@ def build_report(workdirs: Sequence[str], out: str | None = None, refresh: int =
     """
     if not workdirs:
         raise FFTError("give at least one run directory.")
+    workdirs, out = [os.fspath(w) for w in workdirs], os.fspath(out) if out else None
     out = out or (os.path.join(workdirs[0], "report.html") if len(workdirs) == 1 else "report.html")
     runs = _runs(workdirs)
     figs = _figures(runs)

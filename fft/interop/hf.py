@@ -27,6 +27,7 @@ from fft.interop import hf_layout
 from fft.interop.hf_config import SUPPORTED, config_from_hf, config_to_hf  # noqa: F401
 from fft.interop.hf_layout import Path
 from fft.models.encoder import Encoder, EncoderConfig
+from fft.pretrained import fold_adapter
 
 log = logging.getLogger(__name__)
 
@@ -292,16 +293,8 @@ def _params_to_export(model_or_state, lora_scale):
         scale = scales.get(base, lora_scale)
         if scale is None:
             raise FFTError(f"{_dotted(base)} has LoRA adapters: pass lora_scale= to fold them")
-        a = np.asarray(flat[p], np.float32)
-        b = np.asarray(flat[(*base, "lora_b")], np.float32)
-        kernel = out[(*base, "kernel")]
-        if kernel.ndim == a.ndim - 1 + b.ndim - 1:
-            delta = np.tensordot(a, b, axes=1)
-        else:  # scan-stacked adapters [L, in..., r] x [L, r, out...]
-            delta = np.stack([np.tensordot(x, y, axes=1) for x, y in zip(a, b, strict=True)])
-        out[(*base, "kernel")] = (np.asarray(kernel, np.float32) + delta * scale).astype(
-            kernel.dtype
-        )
+        kernel = np.asarray(out[(*base, "kernel")])
+        out[(*base, "kernel")] = fold_adapter(kernel, flat[p], flat[(*base, "lora_b")], scale)
     return out
 
 

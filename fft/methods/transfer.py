@@ -236,7 +236,9 @@ def backbone_loader(spec, path: str):
         flat = pretrained.read_fft_params(path)
         if not any(k.startswith(("backbone.", "head.")) for k in flat):
             flat = {"backbone." + k: v for k, v in flat.items()}  # a plain fft decoder
-        return pretrained.place(flat, abstract_state, shardings)
+        return pretrained.place(
+            flat, abstract_state, shardings, model_config=spec.model_config, source=path
+        )
 
     return load_weights
 

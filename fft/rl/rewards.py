@@ -84,7 +84,8 @@ def load_reward_model(workdir: str) -> tuple[nnx.Module, object]:
     def build():
         return attach_reward_head(Transformer(model_config, rngs=nnx.Rngs(0)), nnx.Rngs(1))
 
-    loaded = pretrained.place(flat, nnx.state(nnx.eval_shape(build)))
+    abstract = nnx.state(nnx.eval_shape(build))
+    loaded = pretrained.place(flat, abstract, model_config=model_config, source=workdir)
     model = build()  # real init for any leaf the checkpoint lacks (none for a reward run)
     nnx.update(model, loaded)
     return model, spec.tokenizer
