@@ -353,9 +353,10 @@ def check_loaded(abstract_state, loaded, model_config, source: str, *, wrong=Non
         shown = "; ".join(missing[:8]) + (
             f"; ... ({len(missing)} in all)" if len(missing) > 8 else ""
         )
+        n = f"{len(missing)} weight" + "s" * (len(missing) != 1)
         raise FFTError(
-            f"{source}: {len(missing)} weights the model needs are not in it (or have another "
-            f"shape): {shown}. Is it a checkpoint of this architecture?"
+            f"{source}: lacks {n} the model needs (missing, or saved in another shape): "
+            f"{shown}. Is it a checkpoint of this architecture?"
         )
     parts = [f"{len(v)} {k}s ({_few(v)})" for k, v in fresh.items() if v]
     parts += [f"new vocabulary rows: {', '.join(grown)}"] if grown else []

@@ -1,0 +1,194 @@
+"""Starting weights (`fft.pretrained`): LoRA folding of scan-stacked adapters, loading across
+`scan_layers` layouts both ways, and partial loads that are loud: a backbone weight the source
+lacks is an error naming it; LoRA adapters, new heads and new vocabulary rows stay fresh and
+are counted in the log."""
+
+import logging
+import pathlib
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import fft
+from fft import config_lib, main, pretrained, zoo
+from fft.interop import hf
+from fft.methods import transfer
+from fft.models import lora
+from fft.models.heads import ClassificationHead, SequenceClassifier
+from fft.models.transformer import Transformer
+from fft.rl import rewards
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _flat(state) -> dict[str, np.ndarray]:
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
+def _abstract(cfg, *, lora_rank=0, head=None):
+    """Abstract state of a Transformer of `cfg` (+ LoRA, + a reward head) or a classifier."""
+
+    def build():
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        if lora_rank:
+            lora.apply_lora(model, rank=lora_rank, alpha=8.0, rngs=nnx.Rngs(1))
+        if head == "reward":
+            rewards.attach_reward_head(model, nnx.Rngs(2))
+        if head == "classifier":
+            model = SequenceClassifier(model, ClassificationHead(cfg.d_model, 3, rngs=nnx.Rngs(2)))
+        return model
+
+    return nnx.state(nnx.eval_shape(build))
+
+
+@pytest.fixture(scope="module")
+def micro() -> str:
+    return zoo.resolve("fft:micro")
+
+
+@pytest.fixture(scope="module")
+def lora_scan_run(tmp_path_factory) -> pathlib.Path:
+    """A LoRA run with scan_layers=True (stacked adapters [L, in, r] x [L, r, out]), 2 steps."""
+    workdir = tmp_path_factory.mktemp("lora_scan")
+    config = config_lib.load_config(str(ROOT / "configs" / "instruction.py"), "smoke")
+    with config.unlocked():
+        config.steps, config.checkpoint_every = 2, 2
+        config.lora.rank, config.lora.alpha = 4, 8.0
+        config.model.scan_layers = True
+        config.instruction.eval_examples = config.instruction.eval_batch_size = 4
+        config.instruction.max_new_tokens = 2
+    main.run(config, str(workdir))
+    return workdir
+
+
+# ---------------------------------------------------------------------------------------------
+# Item: one LoRA fold, plain and scan-stacked
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_layer_fold(raw: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """Reference: stacked kernels folded layer by layer with the textbook tensordot."""
+    out = {k: v for k, v in raw.items() if not k.endswith(("lora_a", "lora_b"))}
+    for name in [k for k in raw if k.endswith(".lora_a")]:
+        base = name[: -len(".lora_a")]
+        a, b = raw[name], raw[base + ".lora_b"]
+        kernel = raw[base + ".kernel"]
+        out[base + ".kernel"] = np.stack(
+            [k + np.tensordot(x, y, axes=1) * scale for k, x, y in zip(kernel, a, b, strict=True)]
+        )
+    return out
+
+
+def test_fold_lora_of_stacked_adapters_equals_per_layer_fold():
+    rng = np.random.default_rng(0)
+    raw = {
+        "layers.attn.q.kernel": rng.normal(size=(3, 8, 2, 4)).astype(np.float32),  # [L,in,h,dh]
+        "layers.attn.q.lora_a": rng.normal(size=(3, 8, 2)).astype(np.float32),
+        "layers.attn.q.lora_b": rng.normal(size=(3, 2, 2, 4)).astype(np.float32),
+        "layers.attn.o.kernel": rng.normal(size=(3, 2, 4, 8)).astype(np.float32),  # [L,h,dh,d]
+        "layers.attn.o.lora_a": rng.normal(size=(3, 2, 4, 2)).astype(np.float32),
+        "layers.attn.o.lora_b": rng.normal(size=(3, 2, 8)).astype(np.float32),
+        "embed.embedding": rng.normal(size=(5, 8)).astype(np.float32),
+    }
+    want = _per_layer_fold(raw, 0.5)
+    got = pretrained.fold_lora(raw, 0.5)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5)
+    # The HF export folds with the same helper.
+    exported = hf._params_to_export(raw, 0.5)
+    for k in want:
+        np.testing.assert_allclose(exported[tuple(k.split("."))], want[k], rtol=1e-5, atol=1e-5)
+    # A plain (per-layer) pair still folds, and a pair that does not fit is named.
+    plain = {"q.kernel": raw["layers.attn.q.kernel"][0], "q.lora_a": raw["layers.attn.q.lora_a"][0],
+             "q.lora_b": raw["layers.attn.q.lora_b"][0]}  # fmt: skip
+    np.testing.assert_allclose(
+        pretrained.fold_lora(plain, 0.5)["q.kernel"], want["layers.attn.q.kernel"][0], rtol=1e-5
+    )
+    with pytest.raises(config_lib.FFTError, match="do not fit"):
+        pretrained.fold_adapter(np.zeros((8, 9)), np.zeros((8, 2)), np.zeros((2, 8)), 1.0)
+
+
+def test_lora_scan_run_loads_folded(lora_scan_run):
+    raw = pretrained.read_raw_params(lora_scan_run)
+    assert raw["layers.attn.q.lora_a"].ndim == 3  # stacked adapters indeed
+    want = _per_layer_fold(raw, 8.0 / 4)
+    model, _ = fft.load(lora_scan_run)  # a pathlib.Path, too
+    got = _flat(nnx.state(model))
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert np.abs(want["layers.attn.q.kernel"] - raw["layers.attn.q.kernel"]).max() > 0
+
+
+def test_lora_scan_run_inits_per_layer_models(lora_scan_run, caplog):
+    """init_from a scan-stacked LoRA run into a per-layer model: every backbone weight arrives
+    (the run's own decoder, a reward model, a classifier backbone)."""
+    spec = pretrained.load_spec(lora_scan_run)
+    want = _per_layer_fold(pretrained.read_raw_params(lora_scan_run), 2.0)
+    per_layer = spec.model_config.replace(scan_layers=False)
+    with caplog.at_level(logging.INFO, logger="fft.pretrained"):
+        got = _flat(spec.load_weights(_abstract(per_layer, lora_rank=2, head="reward")))
+    assert not any("lora" in k or "reward_head" in k for k in got)
+    np.testing.assert_array_equal(got["layers.1.mlp.up.kernel"], want["layers.mlp.up.kernel"][1])
+    assert len(got) == 3 + 9 * per_layer.n_layers  # embed, final_norm, lm_head + 9 per layer
+    assert "fresh init kept for 28 LoRA adapters" in caplog.text
+    assert "2 new heads (reward_head.out.bias, reward_head.out.kernel)" in caplog.text
+    # transfer's classifier loader, through the same place()
+    loader = transfer.backbone_loader(spec, str(lora_scan_run))
+    got = _flat(loader(_abstract(per_layer, head="classifier")))
+    np.testing.assert_array_equal(
+        got["backbone.layers.0.attn.q.kernel"], want["layers.attn.q.kernel"][0]
+    )
+    assert not any(k.startswith("head.") for k in got)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item: scan layouts both ways, and no silent partial load
+# ---------------------------------------------------------------------------------------------
+
+
+def test_place_maps_per_layer_and_stacked_names_both_ways(micro):
+    spec = pretrained.load_spec(micro)
+    cfg = spec.model_config
+    assert not cfg.scan_layers  # fft:micro is saved per layer
+    src = pretrained.read_fft_params(micro)
+    stacked = _flat(spec.load_weights(_abstract(cfg.replace(scan_layers=True))))
+    assert set(stacked) == set(_flat(_abstract(cfg.replace(scan_layers=True))))
+    np.testing.assert_array_equal(stacked["layers.attn.k.kernel"][1], src["layers.1.attn.k.kernel"])
+    back = _flat(pretrained.place(stacked, _abstract(cfg), model_config=cfg))
+    assert back.keys() == src.keys()
+    for k in src:
+        np.testing.assert_array_equal(back[k], src[k])
+
+
+def test_missing_backbone_weights_are_an_error_naming_them(micro, tmp_path):
+    spec = pretrained.load_spec(micro)
+    cfg = spec.model_config
+    with pytest.raises(config_lib.FFTError, match=r"layers\.2\.attn\.q\.kernel") as e:
+        spec.load_weights(_abstract(cfg.replace(n_layers=3)))
+    assert micro in str(e.value) and "lacks 9 weights" in str(e.value)
+    with pytest.raises(config_lib.FFTError, match=r"layers\.0\.mlp\.up\.kernel: \(64, 128\)"):
+        spec.load_weights(_abstract(cfg.replace(d_ff=96)))
+    # The same check guards HuggingFace sources.
+    fft.export(micro, tmp_path / "hf")
+    hf_spec = pretrained.load_spec(tmp_path / "hf")
+    with pytest.raises(config_lib.FFTError, match=r"layers\.2\.mlp\.down\.kernel"):
+        hf_spec.load_weights(_abstract(hf_spec.model_config.replace(n_layers=3)))
+    assert len(_flat(hf_spec.load_weights(_abstract(hf_spec.model_config)))) == 21
+
+
+def test_new_vocabulary_rows_keep_the_old_ones(micro, caplog):
+    spec = pretrained.load_spec(micro)
+    src = pretrained.read_fft_params(micro)
+    old = spec.model_config.vocab_size
+    with caplog.at_level(logging.INFO, logger="fft.pretrained"):
+        got = _flat(spec.load_weights(_abstract(spec.model_config.replace(vocab_size=old + 88))))
+    np.testing.assert_array_equal(got["embed.embedding"][:old], src["embed.embedding"])
+    np.testing.assert_array_equal(got["lm_head.kernel"][:, :old], src["lm_head.kernel"])
+    np.testing.assert_allclose(
+        got["embed.embedding"][old:], np.broadcast_to(src["embed.embedding"].mean(0), (88, 64)),
+        rtol=1e-6,
+    )  # fmt: skip
+    assert "embed.embedding (+88 rows)" in caplog.text
