@@ -3,6 +3,7 @@
 lacks is an error naming it; LoRA adapters, new heads and new vocabulary rows stay fresh and
 are counted in the log."""
 
+import json
 import logging
 import pathlib
 
@@ -47,18 +48,23 @@ def micro() -> str:
     return zoo.resolve("fft:micro")
 
 
+def _instruction_config(steps: int, rank: int, scan_layers: bool, init_from: str = ""):
+    config = config_lib.load_config(str(ROOT / "configs" / "instruction.py"), "smoke")
+    with config.unlocked():
+        config.steps, config.checkpoint_every = steps, max(steps, 1)
+        config.lora.rank, config.lora.alpha = rank, 8.0
+        config.model.scan_layers = scan_layers
+        config.instruction.eval_examples = config.instruction.eval_batch_size = 4
+        config.instruction.max_new_tokens = 2
+        config.init_from = init_from or config.init_from
+    return config
+
+
 @pytest.fixture(scope="module")
 def lora_scan_run(tmp_path_factory) -> pathlib.Path:
     """A LoRA run with scan_layers=True (stacked adapters [L, in, r] x [L, r, out]), 2 steps."""
     workdir = tmp_path_factory.mktemp("lora_scan")
-    config = config_lib.load_config(str(ROOT / "configs" / "instruction.py"), "smoke")
-    with config.unlocked():
-        config.steps, config.checkpoint_every = 2, 2
-        config.lora.rank, config.lora.alpha = 4, 8.0
-        config.model.scan_layers = True
-        config.instruction.eval_examples = config.instruction.eval_batch_size = 4
-        config.instruction.max_new_tokens = 2
-    main.run(config, str(workdir))
+    main.run(_instruction_config(2, 4, True), str(workdir))
     return workdir
 
 
@@ -142,6 +148,15 @@ def test_lora_scan_run_inits_per_layer_models(lora_scan_run, caplog):
         got["backbone.layers.0.attn.q.kernel"], want["layers.attn.q.kernel"][0]
     )
     assert not any(k.startswith("head.") for k in got)
+
+
+def test_main_job_init_from_a_scan_lora_run_starts_where_it_ended(lora_scan_run, tmp_path):
+    """The train loop's sharded load: a per-layer LoRA run from the stacked LoRA run starts with
+    the loss that run ended with (a random backbone would not)."""
+    source = json.loads((lora_scan_run / "results.json").read_text())
+    config = _instruction_config(1, 2, False, init_from=str(lora_scan_run))
+    results = main.run(config, str(tmp_path / "w"))
+    assert results["before"]["loss"] == pytest.approx(source["after"]["loss"], abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
