@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import re
 
 import pytest
 
@@ -310,7 +311,7 @@ def test_instruction_smoke_report_in_browser(instruction_smoke, browser):
     workdir, printed = instruction_smoke
     # The run's own table names the results file and the better direction.
     assert f"results saved in {os.path.join(workdir, 'results.json')}" in printed
-    assert "exact_match/arithmetic  higher" in printed
+    assert re.search(r"\nexact_match/arithmetic +higher ", printed)
     assert report.main([workdir]) == 0
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors = []
