@@ -478,8 +478,8 @@ _TOKEN_PAGE = b"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>fft: access token needed</title></head>
 <body style="font:15px/1.5 system-ui,sans-serif;max-width:640px;margin:60px auto;padding:0 20px">
 <h1 style="font-size:20px">This ranking page needs its access token</h1>
-<p>The labeling server was started on an address other than loopback, so every request must
-carry the access token.</p>
+<p>This labeling server was started with an access token (it always is when it listens on
+an address other than loopback), and every request must carry it.</p>
 <ul>
 <li>Open the URL that <code>python -m fft.label</code> printed when it started: it ends with
 <code>/?token=...</code>.</li>

@@ -437,6 +437,18 @@ def test_undo_lines_are_honoured_by_every_reader(tmp_path):
     # The reward model (and DPO) read the file through labels.for_training.
     live = labels.for_training(sources.open_source(str(out)))
     assert [r["prompt"] for r in live] == [PROMPTS[0]] and live[0]["order"] == [2, 0, 1]
+    # DPO from a rankings file: pairs of the live ranking only (3 pairs of prompt 1's 3 answers).
+    import os
+
+    from fft import config_lib
+    from fft.methods import dpo
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = config_lib.load_config(os.path.join(repo, "configs", "dpo.py"), "smoke")
+    with config.unlocked():
+        config.data.train, config.data.format = str(out), "ranking"
+    pairs = dpo.pair_records(config, None)
+    assert len(pairs) == 3 and {p["prompt"] for p in pairs} == {PROMPTS[0]}
     # A file without undo lines or skips is passed through untouched.
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps(lines[0]) + "\n")
