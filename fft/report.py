@@ -259,7 +259,11 @@ def plot_runs(
     runs = _runs(workdirs)
     groups = [split] if split else list(dict.fromkeys(_group(s) for r in runs for s in r.splits))
     lines = [
-        (m, g, " ".join(p for p in (m if len(metrics) > 1 else "", g) if p))
+        (
+            m,
+            g,
+            " ".join(p for p in (m if len(metrics) > 1 else "", g if len(groups) > 1 else "") if p),
+        )
         for m in metrics
         for g in groups
     ]
