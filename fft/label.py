@@ -4,17 +4,24 @@
     python -m fft.label --report --out=rankings.jsonl [more.jsonl ...]
 
 The tool samples K answers per prompt with fft's generator and serves one page on which a person
-orders them best-first (drag, or keys 1..K), may mark ties or skip, and sees done / total. Every
-judgement is appended to the rankings JSONL at once (flushed and fsynced) in the format the reward
-model trains on (fft.data.formats' `ranking` format, the convention of the synthetic preferences):
+orders them best-first (drag, arrow keys on a focused card, or keys 1..K), may mark ties, skip
+or undo, and sees done / total. The answers are shown in a random order per prompt and labeler
+(seeded, so a reload or a restart shows the same order; position bias averages out across
+prompts) and unranked until the labeler acts. Every judgement is appended to the rankings JSONL
+at once (flushed and fsynced) in the format the reward model trains on (fft.data.formats'
+`ranking` format, the convention of the synthetic preferences):
 
     {"prompt": str, "responses": [str, ...], "ranking": [rank of responses[i], 0 = best],
-     "order": [response indices best-first], "labeler": str, "time": iso8601,
-     "ties": [[i, j], ...]}                          # ties only when there are any
-    {"prompt": str, "responses": [...], "skipped": true, "labeler": str, "time": iso8601}
+     "order": [response indices best-first], "shown": [response indices in display order],
+     "labeler": str, "time": iso8601, "ties": [[i, j], ...]}   # ties only when there are any
+    {"prompt": str, "responses": [...], "skipped": true, "shown": [...], "labeler", "time"}
+    {"prompt": str, "undo": true, "undone": "ranking" | "skip", "labeler": str, "time": iso8601}
 
 `ranking` is always a strict order (what Plackett-Luce needs); a tie between answers i and j
-(neighbours in `order`) is listed in `ties`, for losses that drop or soften tied pairs.
+(neighbours in `order`) is listed in `ties`, for losses that drop or soften tied pairs. Undo
+(the page's Undo button or U) takes back this session's last judgement or skip: the file gets an
+undo line, nothing is rewritten, and the prompt is asked again. Every reader honours undo lines
+through `fft.data.labels` (this tool's restart and --report, the reward model, DPO).
 
 A restart reads the file and asks this labeler only the prompts they have not judged (ranked or
 skipped), so a crash or Ctrl-C loses nothing and asks nothing twice. Answers for a prompt are
@@ -25,7 +32,8 @@ Model text is untrusted: the page shows it with textContent only, and a strict
 Content-Security-Policy (per-response nonce, no inline handlers) backs that up. The server binds
 127.0.0.1 by default and rejects foreign Host headers (DNS rebinding); binding any other address
 requires an access token (given with --token or generated and printed at start) that every
-request must carry.
+request must carry; a browser without it gets a page that says how to pass it. The server
+accepts a judgement only for a prompt it served to this labeler.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import ipaddress
 import itertools
 import json
 import os
+import random
 import secrets
 import socket
 import sys
@@ -48,6 +57,7 @@ import zlib
 from collections.abc import Callable, Sequence
 
 from fft.config_lib import FFTError
+from fft.data import labels
 
 # sample(prompts, k) -> for each prompt, k answers. Injectable so tests need no model.
 Sampler = Callable[[list[str], int], list[list[str]]]
@@ -133,7 +143,7 @@ class RankingLog:
     def __init__(self, path: str, labeler: str):
         self.path = path
         self.labeler = labeler
-        records = read_rankings(path)
+        records = labels.live_judgements(read_rankings(path))
         self.done = {r["prompt"] for r in records if r.get("labeler") == labeler}
         self._repair_tail()
 
@@ -166,6 +176,14 @@ class RankingLog:
 # --------------------------------------------------------------------------------------------
 
 
+class NotServedError(Exception):
+    """A judgement for a prompt this session never showed its labeler (the page gets a 403)."""
+
+
+class NothingToUndoError(Exception):
+    """Undo with no judgement of this session left to take back (the page gets a 409)."""
+
+
 class Session:
     """Serves the unlabelled prompts in order and records judgements (thread-safe).
 
@@ -174,17 +192,23 @@ class Session:
       k: answers per prompt.
       sampler: `sample(prompts, k) -> list[list[str]]`.
       log: the labeler's `RankingLog`; prompts in `log.done` are not asked again.
+      seed: seeds the display order of each prompt's answers (with the labeler and the prompt).
     """
 
-    def __init__(self, prompts: Sequence[str], k: int, sampler: Sampler, log: RankingLog):
+    def __init__(
+        self, prompts: Sequence[str], k: int, sampler: Sampler, log: RankingLog, seed: int = 0
+    ):
         if k < 2:
             raise FFTError(f"--k={k}: a ranking needs at least 2 answers per prompt.")
         self.prompts = list(prompts)
         self.k = k
         self.sampler = sampler
         self.log = log
+        self.seed = seed
         self._pending = [i for i, p in enumerate(self.prompts) if p not in log.done]
         self._answers: dict[int, list[str]] = {}
+        self._served: set[int] = set()  # prompts whose answers this labeler was shown
+        self._history: list[tuple[int, dict]] = []  # this session's judgements, for undo
         self._state_lock = threading.Lock()  # pending list + file appends
         self._sample_lock = threading.Lock()  # one generation at a time (the model is shared)
         self._prefetching: set[int] = set()
@@ -226,18 +250,40 @@ class Session:
 
         threading.Thread(target=run, daemon=True).start()
 
+    def shown_order(self, i: int) -> list[int]:
+        """The order prompt i's answers are displayed in: a permutation of 0..k-1, seeded by the
+        session seed, the labeler and the prompt text (the same on every reload and restart)."""
+        key = f"{self.seed}\0{self.log.labeler}\0{self.prompts[i]}".encode()
+        order = list(range(self.k))
+        random.Random(zlib.crc32(key)).shuffle(order)
+        return order
+
     def next_item(self) -> dict:
-        """The first unlabelled prompt with its answers, plus progress; item None when done."""
+        """The first unlabelled prompt with its answers, plus progress; item None when done.
+
+        Returns:
+          `{"done", "total", "k", "labeler", "can_undo", "item"}`; item is `{"id", "prompt",
+          "responses" (generation order), "shown" (indices in display order)}` or None.
+        """
         with self._state_lock:
             pending = list(self._pending[:2])
-        result = {**self.progress(), "k": self.k, "labeler": self.log.labeler, "item": None}
+            can_undo = bool(self._history)
+        result = {**self.progress(), "k": self.k, "labeler": self.log.labeler,
+                  "can_undo": can_undo, "item": None}  # fmt: skip
         if not pending:
             return result
         i = pending[0]
         answers = self._answers_for(i)
+        with self._state_lock:
+            self._served.add(i)
         if len(pending) > 1:
             self.prefetch(pending[1])
-        result["item"] = {"id": i, "prompt": self.prompts[i], "responses": answers}
+        result["item"] = {
+            "id": i,
+            "prompt": self.prompts[i],
+            "responses": answers,
+            "shown": self.shown_order(i),
+        }
         return result
 
     def judge(self, payload: dict) -> dict:
@@ -253,6 +299,7 @@ class Session:
         Raises:
           ValueError: the payload is malformed (the page gets a 400).
           KeyError: the prompt is not pending (already judged; the page gets a 409).
+          NotServedError: the prompt was never served to this labeler (the page gets a 403).
         """
         i = payload.get("id")
         if type(i) is not int or not 0 <= i < self.total:  # bool is an int subclass
@@ -269,22 +316,57 @@ class Session:
         with self._state_lock:
             if i not in self._pending:
                 raise KeyError(i)
-            if i not in self._answers:
-                raise ValueError("id: this prompt's answers were never shown")
+            if i not in self._served or i not in self._answers:
+                raise NotServedError(i)  # e.g. prefetched, or guessed by a script
             record["responses"] = self._answers[i]
             if order is None:
                 record["skipped"] = True
             else:
                 record["ranking"] = [order.index(j) for j in range(self.k)]
                 record["order"] = order
+            record["shown"] = self.shown_order(i)
             record["labeler"] = self.log.labeler
-            record["time"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+            record["time"] = _now()
             if ties:
                 record["ties"] = ties
             self.log.append(record)  # on disk before the page hears "ok"
             self._pending.remove(i)
             del self._answers[i]
+            self._history.append((i, record))
         return self.progress()
+
+    def undo(self) -> dict:
+        """Takes back this session's last judgement or skip and asks that prompt again.
+
+        The rankings file gets an undo line (`fft.data.labels`); nothing in it is rewritten.
+
+        Returns:
+          The new progress plus `"undone"`: the prompt id, which `next_item` serves next.
+
+        Raises:
+          NothingToUndoError: this session has no judgement left to take back.
+        """
+        with self._state_lock:
+            if not self._history:
+                raise NothingToUndoError()
+            i, judged = self._history[-1]
+            self.log.append(
+                {
+                    "prompt": self.prompts[i],
+                    "undo": True,
+                    "undone": "skip" if judged.get("skipped") else "ranking",
+                    "labeler": self.log.labeler,
+                    "time": _now(),
+                }
+            )
+            self._history.pop()
+            self._pending.insert(0, i)
+            self._answers[i] = judged["responses"]  # the same answers as before, not resampled
+        return {**self.progress(), "undone": i}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _check_ties(ties, k: int) -> list[list[int]]:
@@ -392,6 +474,22 @@ class LabelServer(http.server.ThreadingHTTPServer):
         return header in {f"{n}:{self.port}" for n in names}
 
 
+_TOKEN_PAGE = b"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>fft: access token needed</title></head>
+<body style="font:15px/1.5 system-ui,sans-serif;max-width:640px;margin:60px auto;padding:0 20px">
+<h1 style="font-size:20px">This ranking page needs its access token</h1>
+<p>This labeling server was started with an access token (it always is when it listens on
+an address other than loopback), and every request must carry it.</p>
+<ul>
+<li>Open the URL that <code>python -m fft.label</code> printed when it started: it ends with
+<code>/?token=...</code>.</li>
+<li>Or add <code>?token=YOUR_TOKEN</code> to this address yourself (the token given with
+<code>--token</code>).</li>
+<li>Scripts send the header <code>X-FFT-Token: YOUR_TOKEN</code>.</li>
+</ul></body></html>
+"""
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: LabelServer
     server_version = "fft-label"
@@ -429,7 +527,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         given = self.headers.get("X-FFT-Token") or (query.get("token") or [""])[0]
         if hmac.compare_digest(given.encode(), self.server.token.encode()):
             return True
-        self._json(401, {"error": "missing or wrong access token; open the URL printed at start"})
+        if urllib.parse.urlsplit(self.path).path.startswith("/api/"):
+            self._json(
+                401, {"error": "missing or wrong access token; open the URL printed at start"}
+            )
+        else:  # a person in a browser: say how to get in, not raw JSON
+            csp = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'"
+            self._send(
+                401, _TOKEN_PAGE, "text/html; charset=utf-8", {"Content-Security-Policy": csp}
+            )
         return False
 
     # -- routes -----------------------------------------------------------------------------
@@ -460,7 +566,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 - stdlib name
         if not self._authorized():
             return
-        if urllib.parse.urlsplit(self.path).path != "/api/judge":
+        route = urllib.parse.urlsplit(self.path).path
+        if route not in ("/api/judge", "/api/undo"):
             return self._json(404, {"error": "not found"})
         # JSON only: a cross-site form cannot send it without a CORS preflight we never answer.
         if not (self.headers.get("Content-Type") or "").startswith("application/json"):
@@ -472,9 +579,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             payload = json.loads(self.rfile.read(length))
             if not isinstance(payload, dict):
                 raise ValueError("body: must be a JSON object")
+            if route == "/api/undo":
+                return self._json(200, {"ok": True, **self.server.session.undo()})
             self._json(200, {"ok": True, **self.server.session.judge(payload)})
+        except NothingToUndoError:
+            self._json(409, {"error": "nothing to undo in this session"})
         except KeyError:
             self._json(409, {"error": "this prompt was already judged"})
+        except NotServedError:
+            self._json(403, {"error": "this prompt was never shown to you; judge the one shown"})
         except ValueError as e:
             self._json(400, {"error": str(e)})
 
@@ -511,9 +624,9 @@ def summarize(paths: Sequence[str]) -> dict:
       "pairs", "agreement", "same_order"}]}`; agreement is None where there is no overlap.
     """
     latest: dict[tuple[str, str], dict] = {}  # (labeler, prompt) -> last judgement
-    for path in paths:
-        for r in read_rankings(path):
-            latest[(str(r.get("labeler", "")), r["prompt"])] = r
+    records = [r for path in paths for r in read_rankings(path)]
+    for r in labels.live_judgements(records):  # undone judgements do not count
+        latest[(str(r.get("labeler", "")), r["prompt"])] = r
     labelers: dict[str, dict] = {}
     for (name, _), r in sorted(latest.items()):
         c = labelers.setdefault(name, {"ranked": 0, "skipped": 0, "ties": 0})
@@ -610,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             top_p=args.top_p,
             seed=args.seed,
         )
-        session = Session(prompts, args.k, sampler, log)
+        session = Session(prompts, args.k, sampler, log, seed=args.seed)
         server = LabelServer(session, args.host, args.port, args.token)
     except FFTError as e:
         print(f"fft.label: error: {e}", file=sys.stderr)

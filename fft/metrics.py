@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -212,6 +213,77 @@ class ProgressBar:
 # ---------------------------------------------------------------------------------------------
 
 
+# Which way a metric should move, from the words of its name. Per-group metrics
+# ('exact_match/arithmetic') take the direction of their base name. The rightmost known word
+# decides ('reward_loss' is a loss).
+_HIGHER_PHRASES = ("exact_match", "win_rate", "tokens_per_s", "steps_per_s", "pass_at")
+_LOWER_WORDS = {
+    "loss", "ppl", "perplexity", "kl", "nll", "error", "err", "mse", "mae", "rmse", "wer", "cer",
+    "forgetting", "s", "sec", "seconds", "latency", "memory", "bytes", "flops",
+}  # fmt: skip
+_HIGHER_WORDS = {
+    "acc", "accuracy", "reward", "f1", "bleu", "rouge", "auc", "score", "precision", "recall",
+    "correct", "agreement", "match", "win", "return", "em",
+}  # fmt: skip
+
+
+def metric_direction(name: str) -> int:
+    """Which way a metric improves, read from its name.
+
+    Args:
+      name: a metric name such as 'loss', 'domain_ppl', 'exact_match/arithmetic', 'kl'.
+
+    Returns:
+      -1 when lower is better (loss, ppl, kl, error, seconds), +1 when higher is better
+      (accuracy, exact_match, reward, win_rate, throughput), 0 when the name does not say.
+    """
+    base = name.split("/")[0].lower()
+    if any(p in base for p in _HIGHER_PHRASES):
+        return 1
+    for word in reversed(re.split(r"[^a-z0-9]+", base)):
+        if word in _LOWER_WORDS:
+            return -1
+        if word in _HIGHER_WORDS:
+            return 1
+    return 0
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def relative_change(before, after) -> str:
+    """The change from `before` to `after` as text: a percentage, or a factor when it is large.
+
+    '-25.0%' within a factor of 10; '÷8.84e+08' or '×25' beyond; '+0.8 (from 0)' when before is
+    zero; a signed difference when the sign flips. '' when either value is not a finite number.
+    """
+    if not (_is_num(before) and _is_num(after)):
+        return ""
+    if after == before:
+        return "0%"
+    if before == 0:
+        return f"{after:+.4g} (from 0)"
+    ratio = after / before
+    if ratio <= 0:  # the sign flipped: a ratio means nothing
+        return f"{after - before:+.4g}"
+    if ratio > 10:
+        return f"×{ratio:.3g}"
+    if ratio < 0.1:
+        return f"÷{1 / ratio:.3g}"
+    return f"{100 * (ratio - 1):+.1f}%"
+
+
+def verdict(name: str, before, after) -> str:
+    """'better' | 'worse' | 'same' | '' (direction unknown or values missing) for one metric."""
+    direction = metric_direction(name)
+    if not (direction and _is_num(before) and _is_num(after)):
+        return ""
+    if after == before:
+        return "same"
+    return "better" if (after - before) * direction > 0 else "worse"
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -220,17 +292,29 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def format_table(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
-    """A plain-text table: metric | before | after | change, one row per metric."""
+def format_table(
+    before: Mapping[str, Any], after: Mapping[str, Any], saved_to: str | None = None
+) -> str:
+    """A plain-text table: metric | better | before | after | change, one row per metric.
+
+    Args:
+      before, after: metric values before and after training.
+      saved_to: where the results were written (results.json); named on the first line.
+
+    Returns:
+      The table. `better` says which direction improves the metric (lower / higher, '?' when the
+      name does not say); `change` is relative (see `relative_change`) followed by the verdict.
+    """
     names = list(dict.fromkeys([*before.keys(), *after.keys()]))
-    rows = [("metric", "before", "after", "change")]
+    rows = [("metric", "better", "before", "after", "change")]
     for name in names:
         b, a = before.get(name), after.get(name)
-        change = "-"
-        if isinstance(b, int | float) and isinstance(a, int | float):
-            change = f"{a - b:+.4f}"
-        rows.append((name, _fmt(b), _fmt(a), change))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        better = {1: "higher", -1: "lower"}.get(metric_direction(name), "?")
+        change = " ".join(p for p in (relative_change(b, a), verdict(name, b, a)) if p)
+        rows.append((name, better, _fmt(b), _fmt(a), change or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if saved_to:
+        lines.insert(0, f"results saved in {saved_to}")
     return "\n".join(lines)

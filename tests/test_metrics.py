@@ -32,9 +32,9 @@ def test_check_finite_names_step_and_metric():
 def test_format_table_and_timer():
     table = metrics.format_table({"loss": 2.0, "ppl": 7.389}, {"loss": 1.5, "acc": 0.9})
     rows = table.splitlines()
-    assert rows[0].split() == ["metric", "before", "after", "change"]
-    assert rows[2].split() == ["loss", "2.0000", "1.5000", "-0.5000"]
-    assert rows[4].split() == ["acc", "-", "0.9000", "-"]
+    assert rows[0].split() == ["metric", "better", "before", "after", "change"]
+    assert rows[2].split() == ["loss", "lower", "2.0000", "1.5000", "-25.0%", "better"]
+    assert rows[4].split() == ["acc", "higher", "-", "0.9000", "-"]
     t = metrics.StepTimer()
     t.tick(100)
     lap = t.lap()

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from fft import config_lib
-from fft.data import pipeline, sources
+from fft.data import labels, pipeline, sources
 from fft.data.synthetic import World
 from fft.rl import evals, objectives
 from fft.rl import tasks as tasks_lib
@@ -63,7 +63,7 @@ def pair_records(config, world: World) -> list[dict]:
         src = sources.open_source(config.data.train, on_bad_record=config.data.on_bad_record)
         records = [src[i] for i in range(len(src))]
         if config.data.format == "ranking":
-            records = [p for r in records for p in ranking_to_pairs(r)]
+            records = [p for r in labels.for_training(records) for p in ranking_to_pairs(r)]
         return records
     if c.prompts == "reviews":
         if c.data != "pairs":

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from fft import config_lib
-from fft.data import pipeline, sources
+from fft.data import labels, pipeline, sources
 from fft.data.synthetic import World
 from fft.models.transformer import Transformer
 from fft.rl import objectives
@@ -126,6 +126,8 @@ def run(config, workdir: str) -> dict:
             raise config_lib.ConfigError(
                 f"config.data.format={fmt!r}: a reward model trains on 'ranking' or 'preference'."
             )
+        if fmt == "ranking":  # fft.label's file: undone and skipped judgements left out
+            records = labels.for_training(records)
     else:
         records, fmt = (
             world.preference_data("train", c.train_records, k=c.k, noise=c.noise),

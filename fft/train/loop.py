@@ -460,7 +460,8 @@ def train(
         },
     }
     if _is_main():
-        with open(os.path.join(workdir, "results.json"), "w") as f:
+        path = os.path.join(workdir, "results.json")
+        with open(path, "w") as f:
             json.dump(results, f, indent=2, default=str)
-        print(metrics_lib.format_table(before, after), flush=True)
+        print(metrics_lib.format_table(before, after, saved_to=path), flush=True)
     return results
