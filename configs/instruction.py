@@ -14,7 +14,6 @@ The keys and what each means: `instruction_config` in fft/config_lib.py (the sam
 `fft:tiny-sft`, the SFT start of configs/reward.py, rlhf.py and dpo.py).
 """
 
-
 from fft import config_lib
 
 # '' is the default (no ':variant' on the command line).
