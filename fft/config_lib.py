@@ -367,7 +367,8 @@ def instruction_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 # Instruction-tuned base models `fft:<name>`: the SFT start of reward, RLHF and DPO runs, built by
 # the instruction method on first use (fft.zoo) so that those configs run from a fresh checkout.
-# name: the base model it is tuned from.
+# name: the base model it is tuned from. The cache is keyed on fft.zoo.RECIPE_VERSION: bump it
+# when instruction_config() changes, or the cached fft:tiny-sft keeps the old recipe.
 SFT_MODELS = {"tiny-sft": "tiny", "micro-sft": "micro"}
 
 
