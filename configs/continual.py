@@ -18,6 +18,9 @@ import ml_collections
 
 from fft import config_lib
 
+# '' is the default (no ':variant' on the command line).
+VARIANTS = ("", "rewarm", "wsd", "constant", "noreplay", "smoke")
+
 
 def get_config(variant: str = ""):
     """Returns the continual pre-training config for `variant`."""
@@ -75,4 +78,4 @@ def get_config(variant: str = ""):
         c.continual.general_docs = 50
         c.continual.eval_docs = 8
         return c
-    raise config_lib.ConfigError(f"configs/continual.py: unknown variant {variant!r}")
+    raise config_lib.unknown_variant("configs/continual.py", variant, VARIANTS)

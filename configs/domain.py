@@ -18,6 +18,9 @@ import ml_collections
 
 from fft import config_lib
 
+# '' is the default (no ':variant' on the command line).
+VARIANTS = ("", "full", "lora", "vocab", "smoke")
+
 
 def get_config(variant: str = ""):
     """Returns the domain-adaptation config for `variant` ('', full, lora, vocab, smoke)."""
@@ -75,4 +78,4 @@ def get_config(variant: str = ""):
         c.domain.vocab.sp_vocab = 600
         c.optim.lr = 3e-3
         return c
-    raise config_lib.ConfigError(f"configs/domain.py: unknown variant {variant!r}")
+    raise config_lib.unknown_variant("configs/domain.py", variant, VARIANTS)

@@ -1,8 +1,9 @@
 """DPO / IPO on preference pairs (or every pair of K-way rankings), the cheap path to alignment.
 
 Run:
-  python -m fft.main --config=configs/dpo.py --workdir=runs/dpo \
-      --config.init_from=runs/instruction   # the default: the instruction method's workdir
+  python -m fft.main --config=configs/dpo.py --workdir=runs/dpo    # from fft:tiny-sft
+  python -m fft.main --config=configs/dpo.py --workdir=runs/dpo_mine \
+      --config.init_from=runs/instruction   # chain your own SFT run (configs/instruction.py)
   python -m fft.main --config=configs/dpo.py:ipo --workdir=runs/ipo
   python -m fft.main --config=configs/dpo.py:smoke --workdir=/tmp/dpo      # < 1 minute
 Variants: '' (DPO, LoRA), 'ipo', 'rankings' (pairs from 3-way rankings), 'full' (all weights),
@@ -14,12 +15,18 @@ import ml_collections
 
 from fft import config_lib
 
+# '' is the default (no ':variant' on the command line).
+VARIANTS = ("", "dpo", "ipo", "rankings", "full", "sentiment", "smoke")
+
 
 def get_config(variant: str = ""):
     """Returns the DPO config for `variant`."""
     c = config_lib.base_config()
     c.method = "dpo"
-    c.init_from = "runs/instruction"  # the policy's start: an SFT workdir (instruction method)
+    # The policy's start: an SFT model. fft:tiny-sft is fft:tiny tuned by the instruction recipe
+    # (built on first use and cached, like fft:tiny); chain your own SFT run with
+    # --config.init_from=<its workdir>.
+    c.init_from = "fft:tiny-sft"
     c.steps = 300  # optimizer steps
     c.batch_size = 32  # preference pairs per step
     c.seq_len = 128  # tokens per side (prompt + response); eval prompts get seq_len - max_new
@@ -74,4 +81,4 @@ def get_config(variant: str = ""):
         d.eval_prompts = 8
         d.max_new_tokens = 8
         return c
-    raise config_lib.ConfigError(f"configs/dpo.py: unknown variant {variant!r}")
+    raise config_lib.unknown_variant("configs/dpo.py", variant, VARIANTS)

@@ -8,6 +8,9 @@ Variants: '' / 'tiny' (the fft:tiny recipe), 'micro' (the fft:micro recipe), 'sm
 
 from fft import config_lib
 
+# '' is the default (no ':variant' on the command line).
+VARIANTS = ("", "tiny", "micro", "smoke")
+
 
 def get_config(variant: str = ""):
     """Returns the pretraining config for `variant`."""
@@ -21,4 +24,4 @@ def get_config(variant: str = ""):
         c.checkpoint_every = 10
         c.log_every = 5
         return c
-    raise config_lib.ConfigError(f"configs/pretrain.py: unknown variant {variant!r}")
+    raise config_lib.unknown_variant("configs/pretrain.py", variant, VARIANTS)

@@ -1,8 +1,9 @@
 """Reward model from K-way rankings (Plackett-Luce or all-pairs Bradley-Terry) or pairs.
 
 Run:
-  python -m fft.main --config=configs/reward.py --workdir=runs/reward \
-      --config.init_from=runs/instruction   # the default: the instruction method's workdir
+  python -m fft.main --config=configs/reward.py --workdir=runs/reward    # from fft:tiny-sft
+  python -m fft.main --config=configs/reward.py --workdir=runs/reward_mine \
+      --config.init_from=runs/instruction   # chain your own SFT run (configs/instruction.py)
   python -m fft.main --config=configs/reward.py:bt --workdir=runs/reward_bt
   python -m fft.main --config=configs/reward.py:smoke --workdir=/tmp/reward   # < 1 minute
 Variants: '' (Plackett-Luce over 4-way rankings, LoRA), 'bt' (all implied pairs), 'full'
@@ -13,12 +14,18 @@ import ml_collections
 
 from fft import config_lib
 
+# '' is the default (no ':variant' on the command line).
+VARIANTS = ("", "pl", "bt", "full", "smoke")
+
 
 def get_config(variant: str = ""):
     """Returns the reward-model config for `variant`."""
     c = config_lib.base_config()
     c.method = "reward"
-    c.init_from = "runs/instruction"  # backbone: the SFT workdir the policy starts from
+    # Backbone: the SFT model the policy starts from. fft:tiny-sft is fft:tiny tuned by the
+    # instruction recipe (built on first use and cached); chain your own SFT run with
+    # --config.init_from=<its workdir>.
+    c.init_from = "fft:tiny-sft"
     c.steps = 500  # optimizer steps
     c.batch_size = 16  # rankings (or pairs) per step
     c.seq_len = 128  # tokens per candidate (prompt + response)
@@ -55,4 +62,4 @@ def get_config(variant: str = ""):
         r.train_records = 64
         r.eval_pairs = 16
         return c
-    raise config_lib.ConfigError(f"configs/reward.py: unknown variant {variant!r}")
+    raise config_lib.unknown_variant("configs/reward.py", variant, VARIANTS)

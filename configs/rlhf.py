@@ -1,12 +1,15 @@
 """RLHF: PPO (or GRPO) against the synthetic judge or a trained reward model, KL-bounded.
 
-RLHF starts from an instruction-tuned (SFT) model, so `init_from` defaults to `runs/instruction`,
-the workdir of the instruction method's documented run (relative to where you launch); point it
-at any other SFT workdir, HF directory or preset with --config.init_from.
+RLHF starts from an instruction-tuned (SFT) model: `init_from` defaults to `fft:tiny-sft`, fft:tiny
+tuned by the instruction recipe (fft/config_lib.py `instruction_config`), built on first use and
+cached like fft:tiny. To chain your own SFT run, point --config.init_from at its workdir (or at
+any other SFT workdir, HF directory or preset).
 
 Run:
-  python -m fft.main --config=configs/instruction.py --workdir=runs/instruction   # the SFT start
   python -m fft.main --config=configs/rlhf.py --workdir=runs/rlhf               # PPO vs the judge
+  python -m fft.main --config=configs/instruction.py --workdir=runs/instruction   # your SFT run
+  python -m fft.main --config=configs/rlhf.py --workdir=runs/rlhf_mine \
+      --config.init_from=runs/instruction                                    # ... chained
   python -m fft.main --config=configs/reward.py --workdir=runs/reward
   python -m fft.main --config=configs/rlhf.py --workdir=runs/rlhf_rm \
       --config.rlhf.reward=runs/reward                                       # PPO vs the RM
@@ -24,12 +27,15 @@ import ml_collections
 
 from fft import config_lib
 
+# '' is the default (no ':variant' on the command line).
+VARIANTS = ("", "ppo", "full", "grpo", "sentiment", "smoke", "smoke_grpo")
+
 
 def get_config(variant: str = ""):
     """Returns the RLHF config for `variant`."""
     c = config_lib.base_config()
     c.method = "rlhf"
-    c.init_from = "runs/instruction"  # the policy's start: an SFT workdir (instruction method)
+    c.init_from = "fft:tiny-sft"  # the policy's start: an SFT model (see the docstring)
     c.steps = 160  # optimizer steps: 40 rollouts of 64 (epochs=2, batch_size=32), ~10 min on 2 CPUs
     c.batch_size = 32  # rows per optimizer step (a PPO minibatch)
     c.seq_len = 160  # prompt (seq_len - max_new_tokens = 128: all synthetic prompts) + response
@@ -109,4 +115,4 @@ def get_config(variant: str = ""):
             r.group_size = 4
             c.lora.rank = 0  # full fine-tune: exercises the separate frozen reference
         return c
-    raise config_lib.ConfigError(f"configs/rlhf.py: unknown variant {variant!r}")
+    raise config_lib.unknown_variant("configs/rlhf.py", variant, VARIANTS)

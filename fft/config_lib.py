@@ -206,6 +206,43 @@ def parse_overrides(text: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in pairs)
 
 
+def _missing_config_file(path: str) -> ConfigError:
+    """The error for a config file that does not exist, naming the closest one that does."""
+    folder = os.path.dirname(path) or "."
+    try:
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
+    except OSError:
+        files = []
+    close = difflib.get_close_matches(os.path.basename(path), files, n=1, cutoff=0.6)
+    if close:
+        hint = f" Did you mean {os.path.join(os.path.dirname(path), close[0])}?"
+    elif files:
+        hint = f" Config files in {folder}: {', '.join(files)}."
+    else:
+        hint = " Give the path of a config file such as configs/domain.py."
+    return ConfigError(f"config file {path} not found.{hint}")
+
+
+def unknown_variant(path: str, variant: str, variants: tuple[str, ...]) -> ConfigError:
+    """The error a config file raises for a variant it does not know, listing the valid ones.
+
+    Args:
+      path: the config file as the user would write it ('configs/domain.py').
+      variant: the variant asked for (after the ':' of `--config=FILE:VARIANT`).
+      variants: the variants the file defines ('' is the default, given without ':').
+
+    Returns:
+      A ConfigError to raise.
+    """
+    close = difflib.get_close_matches(variant, [v for v in variants if v], n=1)
+    hint = f" Did you mean {path}:{close[0]}?" if close else ""
+    names = ", ".join(repr(v) for v in variants if v)
+    return ConfigError(
+        f"{path}: unknown variant {variant!r}.{hint} Valid variants: {names} "
+        f"(or none: --config={path} for the default)."
+    )
+
+
 def load_config(
     path: str, variant: str = "", *, cast: bool = False, **overrides: Any
 ) -> ml_collections.ConfigDict:
@@ -213,11 +250,13 @@ def load_config(
     overrides passed as keyword arguments: `load_config(p, "smoke", **{"optim.lr": 1e-3})`;
     with `cast`, string values take their field's type as on a command line."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} not found.")
+        raise _missing_config_file(path)
     name = "_fft_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} is not a config file: it defines no get_config().")
     config = module.get_config(variant) if variant else module.get_config()
     return set_values(config, overrides, cast=cast)
 
@@ -276,3 +315,103 @@ def pretrain_config(name: str = "tiny") -> ml_collections.ConfigDict:
     c.pretrain.eval_docs = 200  # held-out general documents for perplexity
     c.pretrain.world_seed = 0  # seed of the synthetic world (shared by every method)
     return c
+
+
+def instruction_config() -> ml_collections.ConfigDict:
+    """The instruction-tuning (SFT) recipe of configs/instruction.py; also builds `fft:tiny-sft`.
+
+    It lives here (not only in configs/) for the same reason as `pretrain_config`: fft.zoo builds
+    the instruction-tuned base models on first use from any working directory.
+    """
+    c = base_config()
+    c.method = "instruction"  # fft.methods.instruction
+    c.init_from = "fft:tiny"  # base model: 'fft:<preset>', a local HF model dir or an fft workdir
+    c.steps = 240  # optimizer steps (8 min 40 s alone on 2 CPU cores, evals included)
+    c.batch_size = 16  # packed rows per step
+    c.seq_len = 256  # tokens per packed row
+    c.optim.lr = 1e-3  # peak learning rate (full fine-tune)
+    c.optim.warmup_steps = 20  # linear warmup steps
+    c.optim.weight_decay = 0.0  # no decay: short runs, few steps
+    c.checkpoint_every = 100  # steps between checkpoints
+    c.keep_checkpoints = 1  # checkpoints kept in the workdir
+    c.log_every = 20  # steps between train metric lines
+
+    c.data.format = "instruction"  # instruction | chat | prompt_completion
+    c.data.template = ""  # '' = default Alpaca template / the tokenizer's chat_template
+    c.data.train_on_prompt = False  # True: loss on prompt tokens too
+    c.data.truncation = "prompt"  # over-long examples: 'prompt' (cut prompt side first) | 'drop'
+
+    c.instruction = ml_collections.ConfigDict()  # method keys: synthetic suite and evals
+    c.instruction.world_seed = 0  # seed of the synthetic world (same as the base model's)
+    c.instruction.tasks = ""  # comma list of synthetic tasks ('' = all of World.tasks)
+    c.instruction.train_examples = 50_000  # synthetic training records (cycled if steps need more)
+    c.instruction.eval_examples = 300  # held-out records for exact match and response ppl
+    c.instruction.eval_batch_size = 100  # prompts per batched greedy generation call
+    c.instruction.max_new_tokens = 0  # answer budget (0 = longest reference + 4 tokens)
+    c.instruction.samples = 8  # predictions written to samples.jsonl before and after
+    return c
+
+
+def instruction_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks an instruction config to fft:micro and a few steps (smoke runs, `fft:micro-sft`)."""
+    smoke(c)
+    c.steps = 8  # a handful of steps
+    c.batch_size = 8  # divides over the 8 fake CPU devices the tests use
+    c.seq_len = 256  # the micro tokenizer spells most words out: examples are ~100 tokens
+    c.instruction.train_examples = 200  # small synthetic set
+    c.instruction.eval_examples = 16  # a few held-out prompts
+    c.instruction.eval_batch_size = 16  # one generation call
+    c.instruction.max_new_tokens = 16  # short answers: keeps the smoke eval fast
+    return c
+
+
+# Instruction-tuned base models `fft:<name>`: the SFT start of reward, RLHF and DPO runs, built by
+# the instruction method on first use (fft.zoo) so that those configs run from a fresh checkout.
+# name: the base model it is tuned from. The cache is keyed on fft.zoo.RECIPE_VERSION: bump it
+# when instruction_config() changes, or the cached fft:tiny-sft keeps the old recipe.
+SFT_MODELS = {"tiny-sft": "tiny", "micro-sft": "micro"}
+
+
+def sft_config(name: str = "tiny-sft") -> ml_collections.ConfigDict:
+    """The config that builds `fft:<name>` of SFT_MODELS: the instruction recipe on its base."""
+    base = SFT_MODELS[name]
+    c = instruction_config()
+    if base == "micro":
+        instruction_smoke(c)
+    c.init_from = f"fft:{base}"
+    c.checkpoint_every = 0  # the final checkpoint is the model
+    return c
+
+
+def known_models() -> tuple[str, ...]:
+    """Every `fft:<name>` that fft.zoo can build: base models, then instruction-tuned ones."""
+    return tuple(BASE_MODELS) + tuple(SFT_MODELS)
+
+
+def check_init_from(source: str, key: str = "config.init_from") -> None:
+    """Raises ConfigError unless `source` can be resolved, without building or loading anything.
+
+    Resolvable: '' (scratch), a known 'fft:<name>', 'pip:<distribution>' (checked when loaded),
+    or an existing local path (an fft workdir or a HF model directory).
+
+    Args:
+      source: the value of `init_from` (or any model source).
+      key: how the error names the value (the config key or argument the user gave).
+    """
+    source = os.fspath(source) if isinstance(source, os.PathLike) else source
+    if not source or source.startswith("pip:"):
+        return
+    if source.startswith("fft:"):
+        if source[len("fft:") :] not in known_models():
+            raise ConfigError(
+                f"{key}={source!r}: unknown preset; known: "
+                + ", ".join(f"fft:{n}" for n in known_models())
+            )
+        return
+    if not os.path.exists(os.path.expanduser(source)):
+        raise ConfigError(
+            f"{key}={source!r}: no such file or directory. Give an fft workdir (e.g. the "
+            "workdir of your instruction run), a local HF model directory, or a preset such as "
+            + " or ".join(f"'fft:{n}'" for n in ("tiny", "tiny-sft"))
+            + "."
+        )

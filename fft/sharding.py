@@ -54,6 +54,32 @@ Rules = Sequence[tuple[str, Any]] | Mapping[str, Any]
 # ---------------------------------------------------------------------------------------------
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _mesh_fix(sizes: list[int], n: int) -> str:
+    """A concrete `--config.mesh.<axis>=<value>` that makes `sizes` fit `n` devices.
+
+    Tries each axis the user set (not 1, not -1) in turn, keeping the others; the first axis
+    that some value fixes is named. Falls back to data=-1 with the other axes at 1.
+    """
+    for i in range(len(sizes) - 1, -1, -1):  # tensor, fsdp, data: the rarer settings first
+        if sizes[i] in (1, -1):
+            continue
+        others = math.prod(s for j, s in enumerate(sizes) if j != i and s != -1)
+        if n % others:
+            continue
+        fill = -1 in sizes[:i] + sizes[i + 1 :]
+        room = n // others
+        # With another axis at -1 (filling the rest) any divisor of the room fits: keep the
+        # largest one not above what was asked for; without one, the value is forced.
+        value = max(d for d in _divisors(room) if d <= sizes[i]) if fill else room
+        choices = f" (a divisor of {room}: {', '.join(map(str, _divisors(room)))})" if fill else ""
+        return f"--config.mesh.{MESH_AXES[i]}={value}{choices}"
+    return "--config.mesh.data=-1 --config.mesh.fsdp=1 --config.mesh.tensor=1"
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """Builds the `('data', 'fsdp', 'tensor')` mesh.
 
@@ -66,28 +92,34 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
       constraints we place).
 
     Raises:
-      ConfigError: when the sizes do not multiply to the device count.
+      ConfigError: when the sizes do not multiply to the device count; the message names the
+        axes set, the device count and a value that fits.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     sizes = [int(data), int(fsdp), int(tensor)]
+    given = ", ".join(f"config.mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
     if sizes.count(-1) > 1:
-        raise ConfigError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}.")
+        raise ConfigError(
+            f"{given}: at most one of data/fsdp/tensor may be -1 (fill the remaining devices)."
+        )
     if any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(f"mesh: sizes must be positive or -1, got data/fsdp/tensor={sizes}.")
+        raise ConfigError(f"{given}: mesh sizes must be positive or -1 (fill).")
     fixed = math.prod(s for s in sizes if s != -1)
+    devs = f"{n} device{'s' if n != 1 else ''}"
     if -1 in sizes:
         if n % fixed:
             raise ConfigError(
-                f"mesh: data/fsdp/tensor={sizes} — the fixed sizes (product {fixed}) do not "
-                f"divide the {n} devices. Set config.mesh.* so that they do."
+                f"{given} does not fit the {devs}: the fixed sizes (product {fixed}) must divide "
+                f"{n}. Use {_mesh_fix(sizes, n)}."
             )
         sizes[sizes.index(-1)] = n // fixed
     if math.prod(sizes) != n:
         raise ConfigError(
-            f"mesh: data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)}, but "
-            f"there are {n} devices. Set config.mesh.* so that the product is {n} "
-            "(use -1 for one axis to fill the rest)."
+            f"{given} does not fit the {devs}: data*fsdp*tensor = "
+            f"{'*'.join(map(str, sizes))} = {math.prod(sizes)} must equal {n}. "
+            f"Use {_mesh_fix([int(data), int(fsdp), int(tensor)], n)}, or -1 for one axis to "
+            "fill the rest."
         )
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
@@ -297,13 +329,46 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     """Raises ConfigError unless the global batch splits evenly over data*fsdp and processes."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:
+        fits = -(-batch_size // shards) * shards  # the next multiple up
         raise ConfigError(
-            f"batch_size={batch_size} does not divide over mesh.data*mesh.fsdp = {shards} "
-            f"devices. Use a batch_size that is a multiple of {shards}, or change config.mesh."
+            f"config.batch_size={batch_size} does not divide over mesh.data*mesh.fsdp = "
+            f"{mesh.shape['data']}*{mesh.shape['fsdp']} = {shards} devices. Use "
+            f"--config.batch_size={fits} (a multiple of {shards}), or change config.mesh."
         )
     if batch_size % jax.process_count():
         raise ConfigError(
             f"batch_size={batch_size} does not divide over {jax.process_count()} processes."
+        )
+
+
+def check_model_fits(model_config: Any, mesh: Mesh) -> None:
+    """Raises ConfigError when the attention heads cannot split over `mesh.tensor`.
+
+    Query heads must divide over `tensor` (else attention, the point of tensor parallelism,
+    runs replicated on every device). KV heads may be fewer than `tensor` when `tensor` is a
+    multiple of them (grouped-query attention then replicates each KV head over its group), but
+    not a ragged count (3 KV heads on tensor=2).
+
+    Args:
+      model_config: has `n_heads` / `n_kv_heads` (models without them are not checked).
+      mesh: the mesh.
+    """
+    tensor = mesh.shape["tensor"]
+    heads = getattr(model_config, "n_heads", None)
+    kv = getattr(model_config, "n_kv_heads", None) or heads
+    if tensor == 1 or not heads:
+        return
+    fits = [t for t in _divisors(heads) if mesh.size % t == 0 and (kv % t == 0 or t % kv == 0)]
+    fix = f"Use --config.mesh.tensor={max(fits)} (one of {', '.join(map(str, fits))})."
+    if heads % tensor:
+        raise ConfigError(
+            f"config.mesh.tensor={tensor} does not divide the model's {heads} attention heads. "
+            + fix
+        )
+    if kv % tensor and tensor % kv:
+        raise ConfigError(
+            f"config.mesh.tensor={tensor} does not split the model's {kv} KV heads (neither "
+            f"divides the other). " + fix
         )
 
 

@@ -2,7 +2,9 @@
 
 `fft:tiny` is a small decoder pretrained on the synthetic world's general corpus by
 `fft.methods.pretrain`; `fft:micro` is the same recipe shrunk to build in seconds (tests, smoke
-configs). Both are deterministic, so every machine builds the same weights. The cache lives under
+configs). `fft:tiny-sft` (and `fft:micro-sft`) is that base instruction-tuned by the recipe of
+configs/instruction.py: the SFT start of the reward, RLHF and DPO configs. All are
+deterministic, so every machine builds the same weights. The cache lives under
 `$FFT_CACHE` (default `~/.cache/fft`); a build goes to a temporary directory and is renamed into
 place when complete, so an interrupted build never leaves a half model that later runs would load.
 """
@@ -49,11 +51,10 @@ def resolve(source: str | os.PathLike, *, what: str | None = None) -> str:
             )
         return path
     name = source[len("fft:") :]
-    from fft.methods import pretrain
-
-    if name not in pretrain.BASE_MODELS:
+    if name not in config_lib.known_models():
         raise config_lib.ConfigError(
-            f"{what}: unknown preset; known: " + ", ".join(f"fft:{n}" for n in pretrain.BASE_MODELS)
+            f"{what}: unknown preset; known: "
+            + ", ".join(f"fft:{n}" for n in config_lib.known_models())
         )
     target = os.path.join(cache_dir(), f"{name}-{RECIPE_VERSION}")
     if os.path.exists(os.path.join(target, "results.json")):
@@ -68,11 +69,11 @@ def resolve(source: str | os.PathLike, *, what: str | None = None) -> str:
         # recipe is deterministic the result equals an uninterrupted build.
         # The folder is named by a hash of the recipe, so a build of another recipe is never
         # resumed from it.
-        recipe = config_lib.pretrain_config(name).to_json(sort_keys=True)
+        recipe = _recipe(name).to_json(sort_keys=True)
         tmp = f"{target}.building-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
         logging.info("Building fft:%s into %s (first use; cached afterwards).", name, target)
         print(f"fft: building base model fft:{name} (first use, cached in {target}) ...")
-        results = pretrain.build(name, tmp)
+        results = _build(name, tmp)
         if results.get("preempted"):
             raise config_lib.FFTError(
                 f"building fft:{name} was interrupted at step {results['steps']}; its progress "
@@ -80,6 +81,28 @@ def resolve(source: str | os.PathLike, *, what: str | None = None) -> str:
             )
         os.replace(tmp, target)
     return target
+
+
+def _recipe(name: str):
+    """The config that builds `fft:<name>`: pretraining, or SFT of a base (SFT_MODELS)."""
+    if name in config_lib.SFT_MODELS:
+        return config_lib.sft_config(name)
+    return config_lib.pretrain_config(name)
+
+
+def _build(name: str, workdir: str) -> dict:
+    """Trains `fft:<name>` into `workdir`; an SFT model first resolves (builds) its base."""
+    if name not in config_lib.SFT_MODELS:
+        from fft.methods import pretrain
+
+        return pretrain.build(name, workdir)
+    from fft.methods import instruction
+
+    config = config_lib.sft_config(name)
+    print(f"fft: fft:{name} is {config.init_from} tuned by the instruction recipe ...")
+    # The base has its own lock (never the one held here), and is built first if missing.
+    config.init_from = resolve(config.init_from)
+    return instruction.run(config, workdir)
 
 
 def packaged_model_dir(distribution: str, *, what: str | None = None) -> str:

@@ -115,6 +115,36 @@ def test_make_mesh_and_errors():
         sharding.logical_to_spec(("embed",), [("embed", "model")])
 
 
+def test_mesh_errors_name_the_axis_and_a_fix():
+    """Issue 17 #8: each mesh mismatch names the key, the device count and a value that fits."""
+    cases = [
+        (dict(data=3), ["config.mesh.data=3", "8 devices", "--config.mesh.data=8"]),
+        (dict(data=2, fsdp=3), ["config.mesh.fsdp=3", "8 devices", "--config.mesh.fsdp=4"]),
+        (dict(data=-1, tensor=3), ["config.mesh.tensor=3", "8 devices", "--config.mesh.tensor=2"]),
+        (dict(data=-1, fsdp=-1), ["at most one"]),
+    ]
+    for kw, wanted in cases:
+        with pytest.raises(ConfigError) as e:
+            sharding.make_mesh(**kw)
+        for text in wanted:
+            assert text in str(e.value), (kw, str(e.value))
+    with pytest.raises(ConfigError, match=r"config.batch_size=6 .* --config.batch_size=8"):
+        sharding.check_batch_size(6, sharding.make_mesh(data=2, fsdp=4))
+
+
+def test_heads_that_do_not_split_over_tensor():
+    """Issue 17 #8: query heads must divide over mesh.tensor; KV heads may be replicated over
+    their group (tensor a multiple of them) but not split raggedly."""
+    micro = get_preset("micro")  # 4 heads, 2 KV heads
+    sharding.check_model_fits(micro, sharding.make_mesh(data=2, tensor=4))  # KV replicated
+    sharding.check_model_fits(None, sharding.make_mesh(data=1, tensor=8))  # not a decoder
+    with pytest.raises(ConfigError, match=r"mesh.tensor=8 .* 4 attention heads.*tensor=4"):
+        sharding.check_model_fits(micro, sharding.make_mesh(data=1, tensor=8))
+    ragged = micro.replace(n_heads=6, n_kv_heads=3, head_dim=16)
+    with pytest.raises(ConfigError, match=r"mesh.tensor=2 .* 3 KV heads.*tensor=1"):
+        sharding.check_model_fits(ragged, sharding.make_mesh(data=4, tensor=2))
+
+
 def test_logical_to_spec_rules():
     P = PartitionSpec
     assert sharding.logical_to_spec(("batch", "length", "act_embed")) == P(

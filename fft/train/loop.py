@@ -104,12 +104,51 @@ def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# ModelConfig fields that are runtime options or sizes fitted to the data, not the architecture
+# a preset names: a loaded fft:tiny with its own vocabulary or bf16 compute is still 'tiny'.
+_NOT_ARCHITECTURE = (
+    "vocab_size", "max_seq_len", "dtype", "param_dtype", "remat", "scan_layers", "attention",
+)  # fmt: skip
+
+
+def _preset_of(model_config) -> str | None:
+    """The name of the fft.models preset whose architecture `model_config` has, else None."""
+    from fft.models import presets
+
+    def arch(mc):
+        return {k: v for k, v in mc.to_dict().items() if k not in _NOT_ARCHITECTURE}
+
+    try:
+        mine = arch(model_config)
+    except AttributeError:  # not a ModelConfig: nothing to name
+        return None
+    return next((n for n, p in presets.PRESETS.items() if arch(p) == mine), None)
+
+
+def _recorded_config(config, model_config) -> dict:
+    """The config as config.json records it: what was actually built, not a stale default.
+
+    `model.preset` only chooses the architecture of a model trained from scratch; with
+    `init_from` the architecture is the loaded model's, so the record names the preset that
+    architecture matches (None for other models, e.g. a HF one) and `model.built` holds the
+    model config actually used (model.json has the same).
+    """
+    to_json = getattr(config, "to_json_best_effort", None)
+    record = json.loads(to_json() if to_json else json.dumps(dict(config), default=str))
+    model = record.get("model")
+    if model_config is not None and isinstance(model, dict):
+        if record.get("init_from"):
+            model["preset"] = _preset_of(model_config)
+        if hasattr(model_config, "to_dict"):
+            model["built"] = model_config.to_dict()
+    return record
+
+
 def _write_run_files(config, workdir, tokenizer, model_config):
     if not _is_main():
         return
     os.makedirs(workdir, exist_ok=True)
-    to_json = getattr(config, "to_json_best_effort", None)
-    text = to_json(indent=2) if to_json else json.dumps(dict(config), indent=2, default=str)
+    text = json.dumps(_recorded_config(config, model_config), indent=2, default=str)
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
         # A restart with other settings resumes all the same (changing e.g. mixture weights or
@@ -275,7 +314,9 @@ def train(
 
     Returns:
       The results dict (also written to workdir/results.json), or with `"preempted": True`
-      when SIGTERM stopped the run after saving.
+      when SIGTERM stopped the run after saving. A workdir already finished at `steps` returns
+      its results.json unchanged; one finished at fewer steps continues, and the new record
+      keeps the earlier one under `history`.
     """
     t_start = time.time()
     workdir = os.path.abspath(workdir)
@@ -288,6 +329,8 @@ def train(
     )
     rules = sharding.rules_from_config(_cfg(config, "sharding.rules", ()))
     sharding.check_batch_size(batch_size, mesh)
+    if model_config is not None:
+        sharding.check_model_fits(model_config, mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if grad_accum > 1 and (batch_size // grad_accum) % shards:
         raise ConfigError(
@@ -321,6 +364,16 @@ def train(
             ckpt, init_fn, abstract_state, state_sh, train_data, load_weights, ctx
         )
         start_step = int(jax.device_get(state.step))
+        previous = _previous_results(workdir) if start_step > 0 else None
+        if previous is not None and start_step >= steps:
+            # Finished already: a rerun must not re-evaluate and overwrite the record.
+            ckpt.close()
+            print(
+                f"run already finished at step {start_step}: results in "
+                f"{os.path.join(workdir, 'results.json')}",
+                flush=True,
+            )
+            return previous
         if start_step == 0:
             _write_run_files(config, workdir, tokenizer, model_config)
         print(
@@ -459,9 +512,36 @@ def train(
             "peak_memory_bytes": _peak_memory_bytes(),
         },
     }
+    if previous is not None:
+        _keep_history(results, previous)
     if _is_main():
         path = os.path.join(workdir, "results.json")
         with open(path, "w") as f:
             json.dump(results, f, indent=2, default=str)
         print(metrics_lib.format_table(before, after, saved_to=path), flush=True)
     return results
+
+
+def _previous_results(workdir: str) -> dict | None:
+    """The results.json of a run this one resumes (it had finished at fewer steps), or None."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # a torn file keeps no record worth keeping
+        return None
+
+
+def _keep_history(results: dict, previous: dict) -> None:
+    """Continuing a finished run: the new record keeps the earlier one.
+
+    `history` lists the earlier records (oldest first, each as it was written), `steps_covered`
+    is the step range of this record ([0, steps]: training is cumulative) and `wall_s` sums the
+    segments (as `cost.tokens` does).
+    """
+    earlier = {k: v for k, v in previous.items() if k != "history"}
+    results["history"] = list(previous.get("history") or []) + [earlier]
+    results["steps_covered"] = [0, results["steps"]]
+    results["wall_s"] = results["wall_s"] + float(previous.get("wall_s") or 0.0)
