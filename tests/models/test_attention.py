@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from models_testlib import FAMILIES, MICRO, tokens
 
+from fft import sharding
 from fft.config_lib import FFTError
 from fft.models import attention as A
 from fft.models.transformer import Transformer, _remat_policy
@@ -65,6 +66,21 @@ def test_flash_matches_xla(window, softcap):
         return A.flash_attention(q, k, v, seg, block=8, **kw)
 
     _check_against_xla(fn, q, k, v, seg, **kw)
+
+
+def test_flash_under_mesh_is_shard_mapped():
+    """Under a data x fsdp x tensor mesh the kernel runs per shard of rows and heads
+    (shard_map) and still equals the reference."""
+    q, k, v = _qkv(4, 16, 4, 2, 8)
+    seg = jnp.concatenate([_segments(16)] * 2)
+    kw = dict(segment_ids=seg, window=5, softcap=0.0, scale=0.3)
+    with sharding.use_mesh(sharding.make_mesh(data=2, fsdp=2, tensor=2)):
+        fn = jax.jit(lambda q, k, v: A.BACKENDS["flash"](q, k, v, **kw))
+        assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v))
+        out = fn(q, k, v)
+    real = (seg > 0)[:, :, None, None]
+    ref = A.xla_attention(q, k, v, **kw)
+    np.testing.assert_allclose(np.asarray(out * real), np.asarray(ref * real), atol=ATOL)
 
 
 def test_splash_matches_xla():
