@@ -28,7 +28,8 @@ query scale; every backend multiplies q by it in q's dtype first, as the model a
   softmax, causal + segment ids + GQA + sliding window + softcap, any T (padded to the block);
   backward by recomputation (a blockwise pure-JAX pass from the saved log-sum-exp). Runs in
   interpret mode off GPU/TPU.
-- `auto`: `splash` on TPU, `cudnn` on GPU with a 16-bit compute dtype, else `xla`.
+- `auto`: `splash` on TPU, `cudnn` on GPU with a 16-bit compute dtype, else `xla`, resolved
+  when the model is traced, for the platform of the active mesh (`platform()`).
 
 Padding query rows (segment 0) are don't-care: `xla` gives them a uniform average, the
 kernels their own finite values; losses mask them.
@@ -75,8 +76,17 @@ def _log_once(msg: str) -> None:
     log.warning(msg)
 
 
+def platform() -> str:
+    """The platform traced code targets: the active mesh's (so an AOT compile for a TPU
+    topology from a CPU host picks the TPU kernels), else `jax.default_backend()`."""
+    ctx = sharding.current()
+    if ctx is not None:
+        return ctx[0].devices.flat[0].platform
+    return jax.default_backend()
+
+
 def resolve(name: str, dtype) -> str:
-    """The backend that `name` means here: `auto` by `jax.default_backend()` and dtype.
+    """The backend that `name` means here: `auto` by `platform()` and dtype.
 
     Args:
       name: a `ModelConfig.attention` value.
@@ -89,14 +99,14 @@ def resolve(name: str, dtype) -> str:
         raise ConfigError(f"model.attention={name!r} is not one of {NAMES}.")
     if name != "auto":
         return name
-    platform = jax.default_backend()
-    if platform == "tpu":
+    where = platform()
+    if where == "tpu":
         chosen = "splash"
-    elif platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    elif where == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         chosen = "cudnn"
     else:
         chosen = "xla"
-    _log_once(f"attention: auto -> {chosen} ({platform}, {jnp.dtype(dtype).name})")
+    _log_once(f"attention: auto -> {chosen} ({where}, {jnp.dtype(dtype).name})")
     return chosen
 
 
@@ -220,7 +230,7 @@ def cudnn_attention(
     if softcap:
         _log_once("attention: cudnn has no logit softcap; softcapped layers run the xla backend")
         return xla_attention(q_btnh, k_btkh, v_btkh, **kw)
-    on_gpu = jax.default_backend() == "gpu" and q_btnh.dtype in (jnp.bfloat16, jnp.float16)
+    on_gpu = platform() == "gpu" and q_btnh.dtype in (jnp.bfloat16, jnp.float16)
     if not on_gpu:
         _log_once("attention: cudnn needs a GPU and a 16-bit dtype; running JAX's XLA version")
 
@@ -316,7 +326,7 @@ def splash_attention(
         )
 
     def run(q, k, v, seg):
-        kernel = _splash_kernel(q.shape[2], t, window, float(softcap), causal)
+        kernel = _splash_kernel(q.shape[2], t, window, float(softcap), causal, platform() != "tpu")
         from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
         out_bnth = jax.vmap(kernel)(
@@ -331,7 +341,7 @@ def splash_attention(
 
 
 @functools.cache
-def _splash_kernel(n_heads: int, t: int, window: int, softcap: float, causal: bool):
+def _splash_kernel(n_heads, t, window, softcap, causal, interpret):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     if window:
@@ -357,7 +367,7 @@ def _splash_kernel(n_heads: int, t: int, window: int, softcap: float, causal: bo
         q_seq_shards=1,
         block_sizes=sizes,
         attn_logits_soft_cap=softcap or None,
-        interpret=jax.default_backend() != "tpu",
+        interpret=interpret,
     )
 
 
@@ -407,7 +417,7 @@ def flash_attention(
       `[B,T,N,H]` in q's dtype.
     """
     if interpret is None:
-        interpret = jax.default_backend() not in ("gpu", "tpu")
+        interpret = platform() not in ("gpu", "tpu")
     t = q_btnh.shape[1]
     blk = min(block, -(-t // 8) * 8)
     pad = -t % blk

@@ -323,7 +323,7 @@ class Attention(nnx.Module):
         self.scale = float(cfg.query_scale if cfg.query_scale is not None else dh**-0.5)
         self.softcap = float(cfg.attn_softcap)
         self.use_rope = cfg.pos == "rope"
-        self.impl = attention.resolve(cfg.attention, cfg.dtype)
+        self.impl = cfg.attention  # resolved at trace time, for the platform being compiled for
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, x_btd, cos, sin, bias, kv=None, index=None):
@@ -362,7 +362,13 @@ class Attention(nnx.Module):
             new_kv = (k_bksh, v_bksh)
         else:
             out_btnh = attention.attend(
-                self.impl, q_btnh, k_btkh, v_btkh, bias, softcap=self.softcap, scale=self.scale
+                attention.resolve(self.impl, self.dtype),
+                q_btnh,
+                k_btkh,
+                v_btkh,
+                bias,
+                softcap=self.softcap,
+                scale=self.scale,
             )
             new_kv = None
         out_btnh = sharding.constrain(out_btnh, ("batch", "length", "act_heads", None))
