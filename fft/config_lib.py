@@ -39,9 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.preset = "micro"  # fft.models.presets name used when training from scratch
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    c.model.remat = "none"  # rematerialisation: none | full | dots
+    c.model.remat = "none"  # rematerialisation: none | full | dots | save_qkv | offload
     c.model.scan_layers = False  # lax.scan over stacked layers (faster compile for deep models)
-    c.model.attention = "xla"  # xla | cudnn (jax.nn.dot_product_attention, GPU flash attention)
+    c.model.attention = "auto"  # auto | xla | cudnn | splash | flash (fft.models.attention)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # adamw | adafactor | sgd | lion
@@ -95,8 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
 _TYPES = {"steps": int, "batch_size": int, "seq_len": int, "seed": int}
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots"),
-    "model.attention": ("xla", "cudnn"),
+    "model.remat": ("none", "full", "dots", "save_qkv", "offload"),
+    "model.attention": ("auto", "xla", "cudnn", "splash", "flash"),
     "optim.name": ("adamw", "adafactor", "sgd", "lion"),
     "optim.schedule": ("constant", "warmup_cosine", "wsd", "rewarm", "linear"),
     "data.on_bad_record": ("error", "skip"),

@@ -17,8 +17,8 @@ _CHOICES = {
     "pos": ("rope", "learned", "none"),
     "mlp": ("swiglu", "geglu", "gelu"),
     "act": ("silu", "gelu", "gelu_tanh", "relu"),
-    "remat": ("none", "full", "dots"),
-    "attention": ("xla", "cudnn"),
+    "remat": ("none", "full", "dots", "save_qkv", "offload"),
+    "attention": ("auto", "xla", "cudnn", "splash", "flash"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16", "float16"),
 }
@@ -60,9 +60,9 @@ class ModelConfig:
     post_norms: bool = False  # gemma2: extra norms after attention and MLP
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters
-    remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs)
+    remat: str = "none"  # none | full | dots | save_qkv | offload (transformer._remat_policy)
     scan_layers: bool = False  # stack the blocks' params on a 'layers' axis, lax.scan over them
-    attention: str = "xla"  # 'xla' | 'cudnn' (jax.nn.dot_product_attention, GPU)
+    attention: str = "auto"  # 'auto' | 'xla' | 'cudnn' | 'splash' | 'flash' (fft.models.attention)
 
     def __post_init__(self):
         if self.n_kv_heads is None:

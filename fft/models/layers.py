@@ -15,15 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from fft import sharding
 from fft.config_lib import ConfigError
 from fft.kernels import cpu as cpu_kernels
+from fft.models import attention
 from fft.models.config import ModelConfig
 
-# An additive mask value: finite so that a fully masked row (a left-pad query) gives a uniform
-# softmax instead of NaN, and large enough that exp() of it is exactly 0.
-NEG_INF = -1e30
+# An additive mask value (see fft.models.attention): finite, so a fully masked row gives a
+# uniform softmax instead of NaN.
+NEG_INF = attention.NEG_INF
 
 BTD = ("batch", "length", "act_embed")
 
@@ -295,8 +297,11 @@ def apply_rope(x_btnh, cos, sin):
 class Attention(nnx.Module):
     """Multi-head attention with grouped KV heads (GQA/MQA), rotary, softcap, KV cache.
 
-    The mask arrives as an additive float32 bias `[B, 1, 1, T, S]` built once per forward by the
-    transformer (causal, segment ids, sliding window); adding it beats a `where` on CPU.
+    Without a cache the mask is an `attention.TrainMask` built once per forward by the
+    transformer and the math is the backend of `cfg.attention` (fft.models.attention). With a
+    cache it is an additive float32 bias `[B, 1, 1, T, S]` (adding it beats a `where` on CPU).
+    The q/k/v projections are named 'query_proj', 'key_proj', 'value_proj' for the
+    `save_qkv` remat policy.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -318,7 +323,7 @@ class Attention(nnx.Module):
         self.scale = float(cfg.query_scale if cfg.query_scale is not None else dh**-0.5)
         self.softcap = float(cfg.attn_softcap)
         self.use_rope = cfg.pos == "rope"
-        self.impl = cfg.attention
+        self.impl = cfg.attention  # resolved at trace time, for the platform being compiled for
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, x_btd, cos, sin, bias, kv=None, index=None):
@@ -327,23 +332,24 @@ class Attention(nnx.Module):
         Args:
           x_btd: normalized input.
           cos, sin: rotary tables `[B, T, 1, Dh/2]` (ignored without rope).
-          bias: additive mask `[B, 1, 1, T, S]` (S = T without cache, = cache length with it).
+          bias: an `attention.TrainMask` without cache; with it an additive mask `[B,1,1,T,S]`.
           kv: optional `(k_bksh, v_bksh)` cache of this layer.
           index: int32 scalar, slot of the first of the T new tokens in the cache.
 
         Returns:
           (out_btd, new kv or None)
         """
-        b, t, _ = x_btd.shape
-        g = self.n_heads // self.n_kv_heads
         q_btnh = sharding.constrain(self.q(x_btd), ("batch", "length", "act_heads", None))
         k_btkh = sharding.constrain(self.k(x_btd), ("batch", "length", "act_kv_heads", None))
         v_btkh = sharding.constrain(self.v(x_btd), ("batch", "length", "act_kv_heads", None))
+        q_btnh = checkpoint_name(q_btnh, "query_proj")
+        k_btkh = checkpoint_name(k_btkh, "key_proj")
+        v_btkh = checkpoint_name(v_btkh, "value_proj")
         if self.use_rope:
             q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
-        q_btnh = q_btnh * jnp.asarray(self.scale, q_btnh.dtype)
 
         if kv is not None:
+            q_btnh = q_btnh * jnp.asarray(self.scale, q_btnh.dtype)
             k_cache, v_cache = kv
             start = (0, 0, index, 0)
             k_bksh = jax.lax.dynamic_update_slice(
@@ -354,17 +360,16 @@ class Attention(nnx.Module):
             )
             out_btnh = self._attend_cache(q_btnh, k_bksh, v_bksh, bias, index)
             new_kv = (k_bksh, v_bksh)
-        elif self.impl == "cudnn" and not self.softcap:
-            out_btnh = self._attend_dpa(q_btnh, k_btkh, v_btkh, bias)
-            new_kv = None
         else:
-            q_btkgh = q_btnh.reshape(b, t, self.n_kv_heads, g, self.head_dim)
-            s_bkgts = jnp.einsum(
-                "btkgh,bskh->bkgts", q_btkgh, k_btkh, preferred_element_type=jnp.float32
+            out_btnh = attention.attend(
+                attention.resolve(self.impl, self.dtype),
+                q_btnh,
+                k_btkh,
+                v_btkh,
+                bias,
+                softcap=self.softcap,
+                scale=self.scale,
             )
-            p_bkgts = self._probs(s_bkgts, bias[:, :, :, :, :]).astype(v_btkh.dtype)
-            out = jnp.einsum("bkgts,bskh->btkgh", p_bkgts, v_btkh)
-            out_btnh = out.reshape(b, t, self.n_heads, self.head_dim)
             new_kv = None
         out_btnh = sharding.constrain(out_btnh, ("batch", "length", "act_heads", None))
         return self.o(out_btnh), new_kv
@@ -405,20 +410,6 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgts,bksh->btkgh", p_bkgts, v_bksh)
         return out.reshape(b, t, self.n_heads, self.head_dim).astype(self.dtype)
 
-    def _attend_dpa(self, q_btnh, k_btkh, v_btkh, bias):
-        # jax.nn.dot_product_attention takes grouped KV heads directly; cuDNN needs a GPU and a
-        # 16-bit dtype, elsewhere the same call runs XLA's implementation.
-        on_gpu = jax.default_backend() == "gpu" and self.dtype in (jnp.bfloat16, jnp.float16)
-        mask = bias[:, 0] > NEG_INF / 2  # [B, 1, T, S]
-        return jax.nn.dot_product_attention(
-            q_btnh,
-            k_btkh,
-            v_btkh,
-            mask=mask,
-            scale=1.0,  # q is already scaled
-            implementation="cudnn" if on_gpu else None,
-        )
-
 
 # ---------------------------------------------------------------------------------------------
 # MLP
@@ -457,14 +448,7 @@ class MLP(nnx.Module):
 
 def attention_bias(segment_ids_bt, window: int = 0):
     """Additive mask [B,1,1,T,T]: causal, equal nonzero segment ids, optional sliding window."""
-    t = segment_ids_bt.shape[1]
-    idx = jnp.arange(t)
-    ok = idx[:, None] >= idx[None, :]
-    if window:
-        ok = ok & (idx[:, None] - idx[None, :] < window)
-    seg = segment_ids_bt
-    ok = ok[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
-    return jnp.where(ok, 0.0, NEG_INF).astype(jnp.float32)[:, None, None]
+    return attention.causal_bias(segment_ids_bt, window)
 
 
 def cache_bias(valid_bs, index, t: int, window: int = 0):

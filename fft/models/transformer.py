@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fft import sharding
+from fft.config_lib import FFTError
+from fft.models import attention
 from fft.models import layers as L
 from fft.models.config import ModelConfig
 
@@ -54,9 +56,28 @@ class Block(nnx.Module):
         return sharding.constrain(x_btd + h_btd, L.BTD), kv
 
 
+# The q/k/v projection outputs, named in layers.Attention.
+QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+
+
 def _remat_policy(name: str):
-    # 'dots' keeps the weight matmul outputs (dots without batch dims: the projections, not the
-    # attention einsums) and recomputes the rest; 'full' recomputes everything.
+    """The `jax.checkpoint` policy of a `ModelConfig.remat` name (not 'none').
+
+    'full' recomputes everything; 'dots' keeps the weight matmul outputs (dots without batch
+    dims: the projections, not the attention einsums); 'save_qkv' keeps only the q/k/v
+    projections (attention's inputs: its backward needs them, the MLP is cheap to redo);
+    'offload' keeps the same dots as 'dots' but in pinned host memory, freeing device memory
+    for longer sequences at the price of host<->device copies (TPU/GPU only).
+    """
+    if name == "offload":
+        if jax.default_backend() == "cpu":
+            raise FFTError(
+                "model.remat='offload' moves saved activations to pinned host memory, which "
+                "needs a TPU or GPU; on CPU use remat='dots', 'save_qkv' or 'full'."
+            )
+        return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    if name == "save_qkv":
+        return jax.checkpoint_policies.save_only_these_names(*QKV_NAMES)
     return {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
 
 
@@ -64,6 +85,8 @@ class Transformer(nnx.Module):
     """Decoder-only language model. See docs/architecture.md for the interface."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.remat != "none":
+            _remat_policy(cfg.remat)  # an unusable policy (offload on CPU) fails here, not in jit
         self.cfg = cfg
         dt, pdt = L.dtype_of(cfg.dtype), L.dtype_of(cfg.param_dtype)
         self.embed = L.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=pdt, rngs=rngs)
@@ -118,9 +141,10 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         x_btd = self._embed(tokens, positions)
         cos, sin = self._rope(positions)
-        bias_g = L.attention_bias(segment_ids) if not all(self.local_layers) else None
+        backend = attention.resolve(self.cfg.attention, self.cfg.dtype)
+        bias_g = attention.train_mask(backend, segment_ids) if not all(self.local_layers) else None
         bias_l = (
-            L.attention_bias(segment_ids, self.cfg.sliding_window)
+            attention.train_mask(backend, segment_ids, self.cfg.sliding_window)
             if any(self.local_layers)
             else None
         )
@@ -244,7 +268,7 @@ class Transformer(nnx.Module):
             elif bias_l is None:
                 bias = bias_g
             else:  # mixed local/global layers (gemma2): pick this layer's mask
-                bias = jnp.where(is_local, bias_l, bias_g)
+                bias = attention.select_mask(is_local, bias_l, bias_g)
             return nnx.merge(graphdef, layer_state)(x_btd, cos, sin, bias)[0], None
 
         if self.cfg.remat != "none":
