@@ -54,13 +54,26 @@ def load_spec(path: str) -> Spec:
     if kind == "hf":
         from fft.interop import hf
 
-        return Spec(*hf.load_spec(path), kind="hf")
+        spec = Spec(*hf.load_spec(path), kind="hf")
+        tokenizers.check_fits(
+            spec.tokenizer,
+            spec.model_config.vocab_size,
+            tokenizer_name=path,
+            model_name=os.path.join(path, "config.json"),
+        )
+        return spec
     with open(os.path.join(path, "model.json")) as f:
         raw = json.load(f)
     model_config = (
         EncoderConfig.from_dict(raw) if raw.get("family") == "bert" else ModelConfig.from_dict(raw)
     )
     tokenizer = tokenizers.load_tokenizer(os.path.join(path, "tokenizer"))
+    tokenizers.check_fits(
+        tokenizer,
+        model_config.vocab_size,
+        tokenizer_name=os.path.join(path, "tokenizer"),
+        model_name=os.path.join(path, "model.json"),
+    )
 
     def load_weights(abstract_state, shardings=None):
         return place(read_fft_params(path), abstract_state, shardings)
@@ -98,10 +111,19 @@ def read_fft_params(workdir: str) -> dict[str, np.ndarray]:
 
 def read_raw_params(workdir: str) -> dict[str, np.ndarray]:
     """Like `read_fft_params`, but LoRA adapters are kept as `X.lora_a` / `X.lora_b`."""
+    item = os.path.abspath(latest_checkpoint(workdir))
+    try:
+        return _read_raw_item(item)
+    except Exception as e:  # noqa: BLE001 - a truncated checkpoint: one error naming it
+        from fft import checkpoint  # deferred: orbax is slow to import
+
+        raise checkpoint.unreadable_checkpoint(os.path.dirname(item), e) from None
+
+
+def _read_raw_item(item: str) -> dict[str, np.ndarray]:
     import orbax.checkpoint as ocp
     from etils import epath
 
-    item = os.path.abspath(latest_checkpoint(workdir))
     meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item))
     meta = getattr(meta, "tree", meta)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
