@@ -149,8 +149,9 @@ class _Mixture:
             return out
 
     def pass_length(self) -> int | None:
-        """Records in one pass over every source (None when a source is a stream)."""
-        if not all(isinstance(s, _IndexStream) for s in self.streams):
+        """Records in one pass over every source; None when the mixture ends by itself (a
+        source read a set number of epochs) or cannot tell (a growing shard stream)."""
+        if not all(isinstance(s, _IndexStream) and s.num_epochs is None for s in self.streams):
             return None
         return sum(s._n for s in self.streams)
 
@@ -295,7 +296,7 @@ class DataIterator:
         """Raises when a whole pass over the data gave no example (else a repeating iterator
         would spin forever on data that is all skipped or all too long)."""
         n = self._mixture.pass_length()
-        if n is None or self._fruitless <= n:
+        if n is None or self._fruitless < n:
             return
         raise FFTError(
             f"no usable example in {self._fruitless} records in a row of {self._mixture.describe()}"
