@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from fft.config_lib import FFTError
 from fft.data import formats, pipeline
-from fft.data.sources import BadRecordError, field_values, open_source
+from fft.data.sources import BadRecordError, open_source
 from fft.tokenizers import train_sentencepiece
 from tests.data.conftest import corpus
 
@@ -294,6 +294,8 @@ def test_all_records_skipped_is_an_error_not_a_hang(tmp_path, tokenizer):
 
 def test_field_values_names_the_record(tmp_path):
     """What pretraining reads to learn its tokenizer: a missing / non-string 'text' is named."""
+    from fft.data.sources import field_values
+
     path = tmp_path / "t.jsonl"
     path.write_text('{"text": "a"}\n{"text": 5}\n{"body": "c"}\n{"text": "\\ud800"}\n')
     with pytest.raises(BadRecordError, match=f"{path}:2: field 'text' is a int"):
