@@ -530,10 +530,14 @@ def _cli(tmp_path, *overrides):
     return errors[0]
 
 
-def test_cli_malformed_jsonl_line(tmp_path):
+def test_cli_record_without_its_field(tmp_path):
+    """A record with a misspelt field (the tokenizer is learned from the data first)."""
     path = tmp_path / "train.jsonl"
-    path.write_bytes(b'{"text": "fine"}\n\n{"text": "also fine"}\n{"text": oops}\n')
-    assert f"{path}:4: bad JSON record" in _cli(tmp_path, f"--config.data.train={path}")
+    path.write_bytes(
+        b'{"text": "fine"}\n\n{"text": "also fine"}\n{"txt": "typo"}\n{"text": oops}\n'
+    )
+    line = _cli(tmp_path, f"--config.data.train={path}")
+    assert f"{path}:4: field 'text' is missing" in line
 
 
 def test_cli_empty_file(tmp_path):
