@@ -46,6 +46,7 @@ them and the drops.
 from __future__ import annotations
 
 import functools
+import numbers
 import re
 from collections.abc import Sequence
 
@@ -516,7 +517,9 @@ def _encode_record(
             raise BadRecordError(
                 f"ranking record: 'ranking' has {len(ranks)} entries for {len(responses)} responses"
             )
-        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks):
+        if not all(
+            isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 0 for r in ranks
+        ):
             raise BadRecordError(
                 f"ranking record: 'ranking' must hold ints >= 0, got {ranks!r:.80}"
             )
