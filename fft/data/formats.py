@@ -403,29 +403,6 @@ def encode_record(
     """
     if not isinstance(record, dict):
         raise BadRecordError(f"record is a {type(record).__name__}, expected an object")
-    try:
-        return _encode_record(
-            record, fmt, tokenizer, max_len=max_len, template=template,
-            train_on_prompt=train_on_prompt, truncation=truncation, label_names=label_names,
-        )  # fmt: skip
-    except UnicodeEncodeError as e:
-        # JSON may carry lone surrogates ("\ud800"): valid JSON, but no tokenizer encodes them.
-        raise BadRecordError(
-            f"{fmt} record holds text that is not valid Unicode ({e.reason})"
-        ) from None
-
-
-def _encode_record(
-    record: dict,
-    fmt: str,
-    tokenizer,
-    *,
-    max_len: int,
-    template: str | None = None,
-    train_on_prompt: bool = False,
-    truncation: str = "prompt",
-    label_names: Sequence[str] | None = None,
-):
     if fmt not in FORMATS:
         raise FFTError(f"unknown data format {fmt!r}; choose one of {FORMATS}")
     if truncation not in TRUNCATION or (truncation == "split" and fmt != "text"):

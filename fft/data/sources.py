@@ -371,7 +371,7 @@ def field_values(source, name: str = "text", *, limit: int | None = None) -> lis
             out.append(value)
             continue
         if not skip:
-            got = "missing" if value is None else f"a {type(value).__name__}"
+            got = "missing" if value is None else type(value).__name__
             got = "not valid Unicode (a lone surrogate)" if isinstance(value, str) else got
             origin = source.origin(i) if hasattr(source, "origin") else f"record {i}"
             raise BadRecordError(f"{origin}: field {name!r} is {got}, expected a string")
