@@ -36,6 +36,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-timeout",
+            "hypothesis",  # tests/test_bad_input.py: fuzzed bad input
             "torch==2.13.0",
             "transformers>=4.45",
             "peft>=0.13",

@@ -91,22 +91,39 @@ class Checkpointer:
     def restore_latest(self, abstract_state) -> tuple[Any, dict, int] | None:
         """Restores the newest checkpoint that loads; None when there is none.
 
-        A checkpoint that fails to load (truncated or corrupted files) is reported with a
-        warning naming its step, renamed to `<step>.corrupt-<n>` so that later saves of that
-        step do not collide, and the previous checkpoint is tried.
+        A checkpoint that fails to load (truncated or corrupted files) while an older one loads
+        is reported with a warning naming its step, renamed to `<step>.corrupt-<n>` (its files
+        are kept, byte for byte) so that later saves of that step do not collide, and the older
+        one is used. When no checkpoint loads, nothing is renamed and the run stops with a
+        CheckpointError naming the directory: starting afresh over a user's checkpoints would
+        silently throw their training away.
 
         Returns:
           `(state, data_state, step)` or None.
         """
-        for step in reversed(self.all_steps()):
+        steps = self.all_steps()
+        failed = []
+        for step in reversed(steps):
             try:
                 state, data = self.restore(step, abstract_state)
-                return state, data, step
             except Exception as e:  # noqa: BLE001 - any failure to load means "corrupt"
-                msg = f"checkpoint at step {step} in {self.directory} is unreadable ({e!r:.300})"
-                log.warning("%s; falling back to the previous checkpoint.", msg)
-                print(f"WARNING: {msg}; falling back to the previous checkpoint.", flush=True)
-                self._quarantine(step)
+                failed.append((step, e))
+                continue
+            for bad, e in failed:
+                why = _one_line(e, 300)
+                msg = f"checkpoint at step {bad} in {self.directory} is unreadable ({why})"
+                log.warning("%s; falling back to step %d.", msg, step)
+                print(f"WARNING: {msg}; falling back to step {step}.", flush=True)
+                self._quarantine(bad)
+            return state, data, step
+        if failed:
+            step, e = failed[0]
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} can be restored (steps {steps}; step {step}: "
+                f"{_one_line(e, 300)}). They are truncated or corrupt, or were saved with another "
+                "model or optimizer config; nothing was changed. Resume with the config they were "
+                "saved with, or move the directory aside to start afresh."
+            )
         return None
 
     def _quarantine(self, step: int):
@@ -119,6 +136,19 @@ class Checkpointer:
                 os.rename(src, f"{src}.corrupt-{n}")
         _sync(f"fft_quarantine_{step}")
         self._mngr.reload()
+
+
+def _one_line(error: Exception, limit: int) -> str:
+    """An exception's text on one line, cut to `limit` characters (for one-line errors)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:limit]
+
+
+def unreadable_checkpoint(step_dir: str, error: Exception) -> CheckpointError:
+    """The error for a checkpoint that orbax/tensorstore cannot read (truncated, corrupt)."""
+    return CheckpointError(
+        f"checkpoint {step_dir} cannot be read (truncated or corrupt?): {_one_line(error, 300)}"
+    )
 
 
 def _sync(name: str):
@@ -179,6 +209,15 @@ def load_state(checkpoint_dir: str, abstract, shardings=None) -> nnx.State:
       nnx.State holding only the Variables found in the checkpoint.
     """
     step_dir = _resolve_step_dir(checkpoint_dir)
+    try:
+        return _load_state(step_dir, abstract, shardings)
+    except FFTError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore report damage many ways
+        raise unreadable_checkpoint(step_dir, e) from None
+
+
+def _load_state(step_dir: str, abstract, shardings) -> nnx.State:
     state_dir = os.path.join(step_dir, "state")
     handler = ocp.PyTreeCheckpointHandler()
     with ocp.Checkpointer(handler) as ckptr:

@@ -68,6 +68,12 @@ def load_spec(path: str | os.PathLike) -> Spec:
         from fft.interop import hf
 
         model_config, tokenizer, read = hf.load_spec(path)
+        tokenizers.check_fits(
+            tokenizer,
+            model_config.vocab_size,
+            tokenizer_name=path,
+            model_name=os.path.join(path, "config.json"),
+        )
 
         def load_weights(abstract_state, shardings=None):
             loaded = read(abstract_state, shardings)
@@ -81,6 +87,12 @@ def load_spec(path: str | os.PathLike) -> Spec:
         EncoderConfig.from_dict(raw) if raw.get("family") == "bert" else ModelConfig.from_dict(raw)
     )
     tokenizer = tokenizers.load_tokenizer(os.path.join(path, "tokenizer"))
+    tokenizers.check_fits(
+        tokenizer,
+        model_config.vocab_size,
+        tokenizer_name=os.path.join(path, "tokenizer"),
+        model_name=os.path.join(path, "model.json"),
+    )
 
     def load_weights(abstract_state, shardings=None):
         flat = read_fft_params(path)
@@ -121,10 +133,19 @@ def read_fft_params(workdir: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def read_raw_params(workdir: str | os.PathLike) -> dict[str, np.ndarray]:
     """Like `read_fft_params`, but LoRA adapters are kept as `X.lora_a` / `X.lora_b`."""
+    item = os.path.abspath(latest_checkpoint(workdir))
+    try:
+        return _read_raw_item(item)
+    except Exception as e:  # noqa: BLE001 - a truncated checkpoint: one error naming it
+        from fft import checkpoint  # deferred: orbax is slow to import
+
+        raise checkpoint.unreadable_checkpoint(os.path.dirname(item), e) from None
+
+
+def _read_raw_item(item: str) -> dict[str, np.ndarray]:
     import orbax.checkpoint as ocp
     from etils import epath
 
-    item = os.path.abspath(latest_checkpoint(workdir))
     meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item))
     meta = getattr(meta, "tree", meta)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:

@@ -167,6 +167,17 @@ def train_sentencepiece(
             f"256 byte pieces + 4 specials + {len(user_defined_symbols)} user symbols + a few more"
         )
     model = io.BytesIO()
+    try:
+        _train(spm, texts, model, vocab_size, user_defined_symbols, model_type)
+    except RuntimeError as e:  # e.g. no text at all: sentencepiece's message, not a traceback
+        raise FFTError(f"train_sentencepiece: sentencepiece failed: {e!s:.300}") from None
+    tok = SentencePieceTokenizer(model.getvalue(), chat_template=chat_template)
+    if directory is not None:
+        tok.save(directory)
+    return tok
+
+
+def _train(spm, texts, model, vocab_size, user_defined_symbols, model_type) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=(t for t in texts if t),
         model_writer=model,
@@ -196,10 +207,6 @@ def train_sentencepiece(
         max_sentence_length=1 << 16,
         minloglevel=2,
     )
-    tok = SentencePieceTokenizer(model.getvalue(), chat_template=chat_template)
-    if directory is not None:
-        tok.save(directory)
-    return tok
 
 
 def extend_vocab(tokenizer, pieces: Iterable[str], *, user_defined: bool = True):
@@ -339,6 +346,31 @@ class HFTokenizer:
 # ------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------
+
+
+class VocabMismatchError(FFTError):
+    """A tokenizer whose ids do not fit the model's embedding."""
+
+
+def check_fits(tokenizer, vocab_size: int, *, tokenizer_name: str, model_name: str) -> None:
+    """Raises VocabMismatchError when `tokenizer` makes ids the model has no embedding row for.
+
+    A model may have more rows than the tokenizer has ids (vocabularies padded to a multiple of
+    64 or 128); one with fewer would look up rows that do not exist, and JAX clamps an index
+    out of range instead of failing, so such a pair trains on garbage without a word.
+
+    Args:
+      tokenizer: the tokenizer (None: a model that ships none; nothing to check).
+      vocab_size: the model's vocabulary size (embedding rows).
+      tokenizer_name: where the tokenizer came from (a path), for the message.
+      model_name: where the model's config came from (a path), for the message.
+    """
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise VocabMismatchError(
+            f"tokenizer {tokenizer_name} has {tokenizer.vocab_size} tokens but the model "
+            f"{model_name} has vocab_size={vocab_size}: ids {vocab_size} and up have no "
+            "embedding row. Use the tokenizer the model was trained with."
+        )
 
 
 def load_tokenizer(path: str) -> SentencePieceTokenizer | HFTokenizer:

@@ -46,6 +46,7 @@ them and the drops.
 from __future__ import annotations
 
 import functools
+import numbers
 import re
 from collections.abc import Sequence
 
@@ -84,6 +85,16 @@ def _field(record: dict, name: str, fmt: str, types=(str,)):
     return value
 
 
+def _optional_str(record: dict, name: str, fmt: str) -> str:
+    """An optional string field ('' when absent or null); another type is a BadRecordError."""
+    value = record.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRecordError(f"{fmt} record field {name!r} is {type(value).__name__}, expected str")
+    return value
+
+
 # ------------------------------------------------------------------------------------------------
 # Spans -> tokens
 # ------------------------------------------------------------------------------------------------
@@ -97,8 +108,19 @@ def _special_pattern(tokenizer):
     return re.compile("|".join(re.escape(s) for s in alternatives)), specials
 
 
+def _unicode(text: str) -> str:
+    """`text`, or a BadRecordError when it holds a lone surrogate: JSON may carry "\\ud800"
+    escapes, which no tokenizer encodes (sentencepiece raises a bare RuntimeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRecordError(f"record text is not valid Unicode ({e.reason})") from None
+    return text
+
+
 def _encode_text(tokenizer, text: str) -> list[int]:
     """Encodes text in which special token strings (e.g. '</s>' from a template) map to their id."""
+    _unicode(text)
     pattern, specials = _special_pattern(tokenizer)
     if pattern is None:
         return tokenizer.encode(text)
@@ -223,15 +245,31 @@ def render_chat_template(template: str, messages, *, add_generation_prompt=False
 
 def _messages(record: dict, fmt: str) -> list[dict]:
     if "messages" not in record and "conversations" in record:
-        msgs = [
-            {"role": _SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")}
-            for m in _field(record, "conversations", fmt, (list,))
-        ]
+        msgs = []
+        for i, m in enumerate(_field(record, "conversations", fmt, (list,))):
+            if not isinstance(m, dict) or not isinstance(m.get("from"), str):
+                raise BadRecordError(
+                    f"{fmt} record: conversations entry {i} needs string 'from' and 'value'"
+                )
+            msgs.append(
+                {"role": _SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
+            )
     else:
         msgs = _field(record, "messages", fmt, (list,))
+    return check_messages(msgs, fmt)
+
+
+def check_messages(msgs, fmt: str = "chat", name: str = "message") -> list[dict]:
+    """`msgs` if it is a list of {'role': str, 'content': str}; else a BadRecordError."""
+    if not isinstance(msgs, list):
+        raise BadRecordError(f"{fmt} record: {name}s must be a list, got {type(msgs).__name__}")
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
-            raise BadRecordError(f"{fmt} record: message {i} needs 'role' and string 'content'")
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise BadRecordError(f"{fmt} record: {name} {i} needs string 'role' and 'content'")
     return msgs
 
 
@@ -280,6 +318,7 @@ def _prompt_spans(record: dict, fmt: str, tokenizer, template) -> list[Span]:
     """Prompt of prompt_completion / preference / ranking records (see the module docstring)."""
     prompt = _field(record, "prompt", fmt, (str, list))
     if isinstance(prompt, list):
+        check_messages(prompt, fmt, "prompt message")
         chat_template = template if template and "{output}" not in template else None
         return chat_spans(prompt, tokenizer, chat_template, add_generation_prompt=True)
     bos, _ = _specials(tokenizer)
@@ -293,7 +332,7 @@ def encode_prompt(record: dict, fmt: str, tokenizer, *, template=None) -> list[i
     bos, _ = _specials(tokenizer)
     if fmt == "instruction":
         spans = [(bos, False)] + instruction_spans(
-            _field(record, "instruction", fmt), record.get("input") or "", None, template
+            _field(record, "instruction", fmt), _optional_str(record, "input", fmt), None, template
         )
     elif fmt == "chat":
         msgs = _messages(record, fmt)
@@ -316,6 +355,12 @@ def encode_prompt(record: dict, fmt: str, tokenizer, *, template=None) -> list[i
 
 
 def _label(value, label_names, fmt):
+    if isinstance(value, int) and not isinstance(value, bool) and label_names is not None:
+        if not 0 <= value < len(label_names):
+            raise BadRecordError(
+                f"{fmt} record: label {value} is not a class index in [0, {len(label_names)})"
+            )
+        return value
     if isinstance(value, bool | int | float):
         return value
     if isinstance(value, str) and label_names is not None:
@@ -356,6 +401,8 @@ def encode_record(
     Raises:
       BadRecordError naming the missing or malformed field.
     """
+    if not isinstance(record, dict):
+        raise BadRecordError(f"record is a {type(record).__name__}, expected an object")
     if fmt not in FORMATS:
         raise FFTError(f"unknown data format {fmt!r}; choose one of {FORMATS}")
     if truncation not in TRUNCATION or (truncation == "split" and fmt != "text"):
@@ -385,7 +432,7 @@ def encode_record(
     if fmt == "instruction":
         spans = [(bos, False)] + instruction_spans(
             _field(record, "instruction", fmt),
-            record.get("input") or "",
+            _optional_str(record, "input", fmt),
             _field(record, "output", fmt),
             template,
         )
@@ -412,12 +459,17 @@ def encode_record(
                 raise BadRecordError("classification record with 'labels' needs label_names")
             label = [0.0] * len(label_names)
             for value in _field(record, "labels", fmt, (list,)):
+                if not isinstance(value, int | str) or isinstance(value, bool):
+                    raise BadRecordError(
+                        f"{fmt} record: 'labels' entries must be class names or indices, got "
+                        f"{value!r}"
+                    )
                 label[_label(value, label_names, fmt)] = 1.0
         else:
             raise BadRecordError(
                 f"classification record is missing field 'label' (has {sorted(record)})"
             )
-        ids = tokenizer.encode(_field(record, "text", fmt))
+        ids = tokenizer.encode(_unicode(_field(record, "text", fmt)))
         room = max_len - len(bos) - len(eos)
         out = {}
         if len(ids) > room:
@@ -441,6 +493,12 @@ def encode_record(
         if len(ranks) != len(responses) or not responses:
             raise BadRecordError(
                 f"ranking record: 'ranking' has {len(ranks)} entries for {len(responses)} responses"
+            )
+        if not all(
+            isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 0 for r in ranks
+        ):
+            raise BadRecordError(
+                f"ranking record: 'ranking' must hold ints >= 0, got {ranks!r:.80}"
             )
     encoded = []
     for response in responses:

@@ -97,6 +97,10 @@ class _IndexStream:
     def set_state(self, state):
         self._pos = int(state["pos"])
 
+    def describe(self) -> str:
+        paths = getattr(self.source, "paths", None)
+        return ", ".join(map(str, paths)) if paths else type(self.source).__name__
+
 
 class _ShardedStream:
     """A ShardStream, of which this host takes every shard_count-th record of each shard."""
@@ -143,6 +147,16 @@ class _Mixture:
                 continue
             self.counts[i] += 1
             return out
+
+    def pass_length(self) -> int | None:
+        """Records in one pass over every source; None when the mixture ends by itself (a
+        source read a set number of epochs) or cannot tell (a growing shard stream)."""
+        if not all(isinstance(s, _IndexStream) and s.num_epochs is None for s in self.streams):
+            return None
+        return sum(s._n for s in self.streams)
+
+    def describe(self) -> str:
+        return "; ".join(s.describe() for s in self.streams if hasattr(s, "describe"))
 
     def get_state(self):
         return {
@@ -241,6 +255,7 @@ class DataIterator:
         self._chunks = collections.deque()  # encoded examples not yet packed: (example, tag)
         self._skip_chunks = 0
         self._ended = False
+        self._fruitless = 0  # records read since the last one that gave an example
 
     def __iter__(self):
         return self
@@ -252,8 +267,10 @@ class DataIterator:
         while not self._chunks:
             # The tag of a record's examples: where the stream was before it, and the counters.
             snapshot = (self._mixture.get_state(), dict(self.stats))
+            self._check_progress()
             record, origin = self._mixture.next_record()
             self.stats["records"] += 1
+            self._fruitless += 1
             if record is None:  # a source in skip mode read a bad record
                 self.stats["skipped_records"] += 1
                 continue
@@ -267,12 +284,25 @@ class DataIterator:
             if out is None or (isinstance(out, list) and not out):
                 self.stats["dropped_too_long"] += 1
                 continue
+            self._fruitless = 0
             examples = out if isinstance(out, list) else [out]
             self.stats["truncated"] += int(any(ex.get("truncated") for ex in examples))
             self.stats["examples"] += len(examples)
             tagged = [(ex, (snapshot, j)) for j, ex in enumerate(examples)]
             self._chunks.extend(tagged[self._skip_chunks :])
             self._skip_chunks = 0
+
+    def _check_progress(self) -> None:
+        """Raises when a whole pass over the data gave no example (else a repeating iterator
+        would spin forever on data that is all skipped or all too long)."""
+        n = self._mixture.pass_length()
+        if n is None or self._fruitless < n:
+            return
+        raise FFTError(
+            f"no usable example in {self._fruitless} records in a row of {self._mixture.describe()}"
+            f": {self.stats['skipped_records']} bad records skipped (data.on_bad_record=skip), "
+            f"{self.stats['dropped_too_long']} dropped as longer than seq_len={self.seq_len}"
+        )
 
     def _fill_rows(self) -> None:
         while len(self._rows) < self.batch_size and not self._ended:
@@ -329,6 +359,7 @@ class DataIterator:
         self._rows.clear()
         self._chunks.clear()
         self._ended = False
+        self._fruitless = 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,6 +30,12 @@ class BadRecordError(FFTError):
     """A record that cannot be read or lacks a field; the message names file and line."""
 
 
+def _one_line(error: Exception, limit: int) -> str:
+    """An exception's text on one line, cut to `limit` characters (for one-line errors)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:limit]
+
+
 def _check_policy(on_bad_record: str) -> None:
     if on_bad_record not in ON_BAD_RECORD:
         raise FFTError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
@@ -39,18 +45,31 @@ def _parse_json_line(line: bytes | str, where: str) -> dict:
     """Parses one JSON object; raises BadRecordError naming `where` (file:line)."""
     try:
         record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        detail = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
-        raise BadRecordError(f"{where}: bad JSON record ({detail})") from None
+    except json.JSONDecodeError as e:
+        raise BadRecordError(f"{where}: bad JSON record ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise BadRecordError(f"{where}: record is not UTF-8 text ({e.reason})") from None
+    except (ValueError, RecursionError) as e:
+        # ValueError: an integer literal longer than Python's digit limit; RecursionError:
+        # arrays nested thousands deep. Both are bad records, not crashes.
+        raise BadRecordError(f"{where}: bad JSON record ({type(e).__name__}: {e})") from None
     if not isinstance(record, dict):
         raise BadRecordError(f"{where}: record is a {type(record).__name__}, expected an object")
     return record
 
 
+def _read_bytes(path: str) -> bytes:
+    """The bytes of a data file; an unreadable one (a directory, no permission) is an FFTError."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise FFTError(f"cannot read data file {path}: {e.strerror or e}") from None
+
+
 def _line_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Byte offsets and 1-based line numbers of the non-blank lines of a file (vectorised)."""
-    with open(path, "rb") as f:
-        data = np.frombuffer(f.read(), np.uint8)
+    data = np.frombuffer(_read_bytes(path), np.uint8)
     ends = np.flatnonzero(data == ord("\n"))
     if data.size and data[-1] != ord("\n"):
         ends = np.append(ends, data.size)
@@ -93,6 +112,9 @@ class JsonlSource:
             cum.append(cum[-1] + len(offsets))
         self._cum = cum
         self._files = {}
+        if not len(self):
+            # An empty source would make training stop at step 0 (or an epoch loop spin).
+            raise FFTError(f"data file {_names(self.paths)} holds no records (empty or blank)")
 
     def __len__(self) -> int:
         return self._cum[-1]
@@ -133,29 +155,62 @@ class JsonlSource:
 
 
 class ArrayRecordSource:
-    """Random access over ArrayRecord files whose records are JSON-encoded objects (bytes)."""
+    """Random access over ArrayRecord files whose records are JSON-encoded objects (bytes).
+
+    Each file is opened on its own, so a truncated or corrupt file is named in the error, and
+    `origin(i)` names the file and the record's index in it (`path#record7`).
+    """
 
     def __init__(self, paths: str | Sequence[str], on_bad_record: str = "error"):
         import grain
 
         _check_policy(on_bad_record)
         self.paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if not self.paths:
+            raise FFTError("ArrayRecordSource: no files given")
+        self.on_bad_record = on_bad_record
+        self.skipped = 0
+        self._sources, cum = [], [0]
         for path in self.paths:
             if not os.path.exists(path):
                 raise FFTError(f"data file not found: {path}")
-        self.on_bad_record = on_bad_record
-        self.skipped = 0
-        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+            try:
+                source = grain.sources.ArrayRecordDataSource([os.fspath(path)])
+            except Exception as e:  # noqa: BLE001 - riegeli reports truncation as RuntimeError
+                raise FFTError(
+                    f"cannot read ArrayRecord file {path} (truncated or corrupt?): "
+                    + _one_line(e, 200)
+                ) from None
+            self._sources.append(source)
+            cum.append(cum[-1] + len(source))
+        self._cum = cum
+        if not len(self):
+            raise FFTError(f"data file {_names(self.paths)} holds no records")
 
     def __len__(self) -> int:
-        return len(self._source)
+        return self._cum[-1]
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range [0, {len(self)})")
+        f = bisect.bisect_right(self._cum, index) - 1
+        return f, index - self._cum[f]
 
     def origin(self, index: int) -> str:
-        return f"{','.join(self.paths)}#record{index}"
+        """'file#recordN' of record `index` (N counts from 0 within that file)."""
+        f, i = self._locate(int(index))
+        return f"{self.paths[f]}#record{i}"
 
     def __getitem__(self, index: int) -> dict | None:
+        f, i = self._locate(int(index))
         try:
-            return _parse_json_line(self._source[int(index)], self.origin(index))
+            try:
+                raw = self._sources[f][i]
+            except Exception as e:  # noqa: BLE001 - a corrupt chunk is a RuntimeError
+                raise BadRecordError(
+                    f"{self.origin(index)}: unreadable ({_one_line(e, 200)})"
+                ) from None
+            return _parse_json_line(raw, self.origin(index))
         except BadRecordError:
             if self.on_bad_record == "error":
                 raise
@@ -164,6 +219,11 @@ class ArrayRecordSource:
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({len(self.paths)} files, {len(self)} records)"
+
+
+def _names(paths: Sequence[str]) -> str:
+    """One path, or 'a, b, ...' for several (error messages)."""
+    return os.fspath(paths[0]) if len(paths) == 1 else ", ".join(map(os.fspath, paths))
 
 
 def _to_python(x):
@@ -182,10 +242,13 @@ def _to_python(x):
 class TfdsSource:
     """A TFDS dataset prepared as ArrayRecord, read with `tfds.data_source` (no TensorFlow)."""
 
-    def __init__(self, name: str, split: str, data_dir: str | None = None):
+    def __init__(
+        self, name: str, split: str, data_dir: str | None = None, on_bad_record: str = "error"
+    ):
         import tensorflow_datasets as tfds
 
-        self.name, self.split = name, split
+        _check_policy(on_bad_record)
+        self.name, self.split, self.on_bad_record = name, split, on_bad_record
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir)
         except Exception as e:  # tfds raises many types; the user needs one message
@@ -201,13 +264,30 @@ class TfdsSource:
     def origin(self, index: int) -> str:
         return f"tfds:{self.name}/{self.split}#{index}"
 
-    def __getitem__(self, index: int) -> dict:
-        return _to_python(self._source[int(index)])
+    def __getitem__(self, index: int) -> dict | None:
+        try:
+            try:
+                return _to_python(self._source[int(index)])
+            except UnicodeDecodeError as e:
+                raise BadRecordError(
+                    f"{self.origin(index)}: text is not UTF-8 ({e.reason})"
+                ) from None
+            except Exception as e:  # noqa: BLE001 - a corrupt ArrayRecord chunk
+                raise BadRecordError(
+                    f"{self.origin(index)}: unreadable ({_one_line(e, 200)})"
+                ) from None
+        except BadRecordError:
+            if self.on_bad_record == "error":
+                raise
+            self.skipped += 1
+            return None
 
 
-def tfds_source(name: str, split: str, data_dir: str | None = None) -> TfdsSource:
+def tfds_source(
+    name: str, split: str, data_dir: str | None = None, on_bad_record: str = "error"
+) -> TfdsSource:
     """A random-access source over a prepared TFDS dataset (see TfdsSource)."""
-    return TfdsSource(name, split, data_dir)
+    return TfdsSource(name, split, data_dir, on_bad_record)
 
 
 def _files_for(spec: str) -> list[str]:
@@ -244,7 +324,7 @@ def open_source(spec: str, *, on_bad_record: str = "error", data_dir: str | None
         return spec  # already a source
     if spec.startswith("tfds:"):
         name, _, split = spec[len("tfds:") :].partition("/")
-        return tfds_source(name, split or "train", data_dir)
+        return tfds_source(name, split or "train", data_dir, on_bad_record)
     files = _files_for(spec)
     is_ar = [(".array_record" in os.path.basename(f)) for f in files]
     if all(is_ar):
@@ -252,6 +332,51 @@ def open_source(spec: str, *, on_bad_record: str = "error", data_dir: str | None
     if any(is_ar):
         raise FFTError(f"{spec!r} mixes JSONL and ArrayRecord files; give them separately")
     return JsonlSource(files, on_bad_record)
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings holding lone surrogates ("\\ud800" in JSON), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def field_values(source, name: str = "text", *, limit: int | None = None) -> list[str]:
+    """The string field `name` of the first `limit` records of a random-access source.
+
+    For callers that read a field themselves (e.g. tokenizer training) rather than through
+    `formats.encode_record`: a record without the field, or with a non-string value, is a
+    BadRecordError naming its origin, or (the source in 'skip' mode) skipped and counted in
+    `source.skipped`, like a record that is not JSON.
+
+    Args:
+      source: a source from `open_source` (len, [i], origin(i), on_bad_record, skipped).
+      name: the field to read.
+      limit: read at most this many records (None: all).
+
+    Returns:
+      The values, in record order, bad records left out.
+    """
+    n = len(source) if limit is None else min(len(source), limit)
+    skip = getattr(source, "on_bad_record", "error") == "skip"
+    out = []
+    for i in range(n):
+        record = source[i]
+        if record is None:  # already counted by the source
+            continue
+        value = record.get(name)
+        if isinstance(value, str) and _is_unicode(value):
+            out.append(value)
+            continue
+        if not skip:
+            got = "missing" if value is None else type(value).__name__
+            got = "not valid Unicode (a lone surrogate)" if isinstance(value, str) else got
+            origin = source.origin(i) if hasattr(source, "origin") else f"record {i}"
+            raise BadRecordError(f"{origin}: field {name!r} is {got}, expected a string")
+        source.skipped = getattr(source, "skipped", 0) + 1
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

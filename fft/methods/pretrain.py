@@ -47,8 +47,7 @@ def run(config, workdir: str) -> dict:
         else:
             # Read the texts here, not inside sentencepiece's callback: a bad record must
             # surface as fft's one-line error, not as a wrapped C++ RuntimeError.
-            n = min(len(train_records), 200_000)
-            texts = [train_records[i]["text"] for i in range(n)]
+            texts = sources.field_values(train_records, "text", limit=200_000)
             tokenizer = tokenizers.train_sentencepiece(
                 texts, config.pretrain.vocab_size, os.path.join(workdir, ".tokenizer_build")
             )
@@ -64,9 +63,14 @@ def run(config, workdir: str) -> dict:
         packing=config.data.packing,
         shuffle=config.data.shuffle,
         seed=config.seed,
+        on_bad_record=config.data.on_bad_record,
     )
     eval_batches = pipeline.make_eval_batches(
-        [eval_records], encode, seq_len=config.seq_len, batch_size=config.batch_size
+        [eval_records],
+        encode,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        on_bad_record=config.data.on_bad_record,
     )
 
     def evaluate(model) -> dict:
