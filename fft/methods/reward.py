@@ -74,10 +74,14 @@ def make_loss_fn(loss: str, margin: float, centering: float):
                 value = objectives.plackett_luce_loss(s_bk, ranks)
             else:
                 value = objectives.all_pairs_bradley_terry_loss(s_bk, ranks, margin=margin)
+                # A mean over the valid pairs, whose number varies between microbatches.
+                pairs = objectives.ranked_pairs(ranks).sum()
             centre = objectives.reward_centering_penalty(s_bk, ranks >= 0)
             best = jnp.argmin(jnp.where(ranks >= 0, ranks, 1 << 20), axis=1)
             top = jnp.argmax(jnp.where(ranks >= 0, s_bk, -jnp.inf), axis=1)
             aux = {"top1_accuracy": (best == top).astype(jnp.float32).mean()}
+            if loss == "bt":
+                aux["loss_weight"] = pairs
         else:
             s_c, s_r = _scores(model, batch, "chosen_"), _scores(model, batch, "rejected_")
             value = objectives.bradley_terry_loss(s_c, s_r, margin=margin)

@@ -84,8 +84,9 @@ def apply_lora(
       targets: layer names or a path regex (see `lora_modules`).
       rngs: for `lora_a`'s init (uniform, bound 1/sqrt(fan_in), as PEFT) and dropout.
       rslora: rank-stabilized scaling.
-      dropout: dropout on the adapter input (training only; call `model.eval()` for inference and
-        `nnx.reseed(model, dropout=key)` per step for fresh masks). Not with stacked layers.
+      dropout: dropout on the adapter input. Off (deterministic) in the built model, so evals,
+        generation and rollouts never drop; the train step switches it on with fresh masks per
+        step (`dropout_for_step`). Not with stacked layers.
 
     Returns:
       `model`, changed in place.
@@ -110,20 +111,35 @@ def apply_lora(
         names = lin.names
         fan_in = math.prod(lin.in_shape)
         bound = 1.0 / math.sqrt(fan_in)
+        # Adapters (and so their Adam moments) are f32 whatever the base's dtype: a bf16 update of
+        # a small low-rank factor loses most of its bits.
         a = jax.random.uniform(
             rngs.params(), lead + lin.in_shape + (rank,), jnp.float32, -bound, bound
         )
-        lin.lora_a = LoRAParam(
-            a.astype(kernel.dtype), out_sharding=lead_names + names[:n_in] + (None,)
-        )
-        b = jnp.zeros(lead + (rank,) + lin.out_shape, kernel.dtype)
+        lin.lora_a = LoRAParam(a, out_sharding=lead_names + names[:n_in] + (None,))
+        b = jnp.zeros(lead + (rank,) + lin.out_shape, jnp.float32)
         lin.lora_b = LoRAParam(b, out_sharding=lead_names + (None,) + names[n_in:])
         lin.lora_scale = float(scale)
         lin.lora_enabled = True
         if dropout > 0:
             if lead:
                 raise ConfigError("lora.dropout > 0 is not supported with scan_layers=True.")
-            lin.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
+            lin.lora_dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
+    return model
+
+
+def dropout_for_step(model: nnx.Module, rng: jax.Array) -> nnx.Module:
+    """Switches on every `nnx.Dropout` of `model` with masks drawn from `rng`, in place.
+
+    Called by the train step on the model it merged for this step's gradient: `rng` is the
+    step's key (folded with the step and microbatch), so every step draws fresh masks, while the
+    stored model (evals, generation, rollouts) keeps dropout off. No-op without dropout.
+    """
+    drops = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Dropout)]
+    for i, d in enumerate(drops):
+        d.deterministic = False
+        # A new stream, not a mutated one: the merged model's Variables belong to another trace.
+        d.rngs = nnx.RngStream(jax.random.fold_in(rng, i), tag="dropout")
     return model
 
 

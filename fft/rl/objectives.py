@@ -192,11 +192,19 @@ def all_pairs_bradley_terry_loss(scores_bk, ranks_bk, *, margin: float = 0.0):
     Returns:
       loss (scalar).
     """
-    valid = ranks_bk >= 0
-    better = (ranks_bk[:, :, None] < ranks_bk[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-    better = better.astype(jnp.float32)
+    better = ranked_pairs(ranks_bk)
     diff = scores_bk[:, :, None] - scores_bk[:, None, :] - margin
     return -jnp.sum(jax.nn.log_sigmoid(diff) * better) / jnp.maximum(better.sum(), 1.0)
+
+
+def ranked_pairs(ranks_bk):
+    """[B, K, K] f32: 1 where candidate i is ranked above candidate j (both valid, rank >= 0).
+
+    Its sum is the number of pairs `all_pairs_bradley_terry_loss` averages over.
+    """
+    valid = ranks_bk >= 0
+    better = (ranks_bk[:, :, None] < ranks_bk[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    return better.astype(jnp.float32)
 
 
 def plackett_luce_loss(scores_bk, ranks_bk):

@@ -82,6 +82,8 @@ def make_loss_fn(
         )
         loss = pg - ent_coef * entropy
         aux = {
+            # Every term is a mean over response tokens: grad accumulation weighs by their count.
+            "loss_weight": jnp.sum(mask.astype(jnp.float32)),
             "policy_loss": pg,
             "clip_frac": clip_frac,
             "approx_kl": approx_kl,

@@ -97,7 +97,9 @@ def next_token_loss_fn(chunk_size: int = 128):
         del rng
         hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
         loss = losses.chunked_next_token_loss(hidden, model.logits, batch, chunk=chunk_size)
-        return loss, {"target_tokens": losses.num_targets(batch)}
+        n = losses.num_targets(batch)
+        # loss_weight: a token mean, so grad accumulation weighs microbatches by their targets.
+        return loss, {"target_tokens": n, "loss_weight": n}
 
     return loss_fn
 

@@ -5,9 +5,12 @@ trainable filter only.
 
     LossFn = (model, batch, rng) -> (loss scalar, aux dict of scalars)
 
-If `aux` holds `loss_weight` (e.g. the number of target tokens of a microbatch), gradient
-accumulation weights each microbatch by it, so that `grad_accum=k` equals one big batch exactly
-for token-mean losses; without it microbatches weigh the same.
+Gradient accumulation contract: a loss that is a mean over a variable number of items (target
+tokens, response tokens, valid ranked pairs) returns that number as `aux["loss_weight"]`; the
+step weights each microbatch's loss, gradient and aux means by it, so `grad_accum=k` is the same
+update as one batch of k times the rows. Counts in `aux` (`loss_weight` and keys ending in
+`_tokens` or `_count`) are summed over microbatches, not averaged. A loss without
+`loss_weight` is a mean over a fixed number of rows: microbatches weigh the same.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fft.models import lora as lora_lib
 from fft.train.state import TrainState
 
 Batch = dict[str, Any]
@@ -39,6 +43,11 @@ def _split_microbatches(batch: Batch, k: int) -> Batch:
         return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
 
     return jax.tree.map(split, batch)
+
+
+def is_count(key: str) -> bool:
+    """Whether an aux metric is a count (summed over microbatches) rather than a mean."""
+    return key == "loss_weight" or key.endswith(("_tokens", "_count"))
 
 
 def make_train_step(
@@ -66,6 +75,8 @@ def make_train_step(
     def loss_and_grad(params, frozen, batch, rng):
         def f(p):
             model = nnx.merge(graphdef, p, frozen)
+            # Dropout is on only here, with masks from this step's (and microbatch's) key.
+            lora_lib.dropout_for_step(model, jax.random.fold_in(rng, 1 << 20))
             loss, aux = loss_fn(model, batch, rng)
             return loss, aux
 
@@ -97,7 +108,10 @@ def make_train_step(
                     state.params, state.frozen, mb, jax.random.fold_in(rng, i)
                 )
                 g_sum = jax.tree.map(lambda s, g: s + w * g, g_sum, grads)
-                a_sum = jax.tree.map(lambda s, a: s + w * a, a_sum, aux)
+                a_sum = {
+                    k: a_sum[k] + (1.0 if is_count(k) else w) * jnp.asarray(v, jnp.float32)
+                    for k, v in aux.items()
+                }
                 return (g_sum, l_sum + w * loss, a_sum, w_sum + w), None
 
             (g_sum, l_sum, a_sum, w_sum), _ = jax.lax.scan(
@@ -106,9 +120,7 @@ def make_train_step(
             w_sum = jnp.maximum(w_sum, 1e-12)
             grads = jax.tree.map(lambda g: g / w_sum, g_sum)
             loss = l_sum / w_sum
-            aux = jax.tree.map(lambda a: a / w_sum, a_sum)
-            if "loss_weight" in aux:
-                aux["loss_weight"] = w_sum  # the total, not a weighted mean of weights
+            aux = {k: v if is_count(k) else v / w_sum for k, v in a_sum.items()}
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -144,6 +144,49 @@ def test_overlong_examples_truncated_or_dropped_and_counted(tok):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_grad_accumulation_is_the_whole_batch(tok, micro_dir):
+    """grad_accum=4 gives the update of one batch of all the rows: the smoke config's packed,
+    response-only batch, whose microbatches hold different numbers of target tokens."""
+    import jax
+    import optax
+
+    from fft.train.state import TrainState, split_model
+    from fft.train.step import make_train_step
+
+    config = _get_config()
+    with config.unlocked():
+        config.batch_size = 8
+        config.model.dtype = "float32"
+        config.init_from = micro_dir
+    base = lm.load_base(config)
+    records = instruction._records(config, config.data.train, "train", 64)
+    batch = {
+        k: jnp.asarray(v) for k, v in next(instruction.train_iterator(config, tok, records)).items()
+    }
+    mask = np.asarray(batch["loss_mask"])[:, 1:]
+    per_micro = [mask[i::4].sum() for i in range(4)]
+    assert len(set(per_micro)) > 1, per_micro  # the weighting matters for this batch
+
+    graphdef, params, frozen = split_model(
+        lm.model_builder(base.model_config, config)(), lm.trainable_filter(config)
+    )
+    # SGD with lr 1: the update is the gradient itself (Adam's first step is ~sign(g), which
+    # turns f32 rounding of near-zero gradients into lr-sized differences).
+    tx = optax.sgd(1.0)
+    out = []
+    for k in (1, 4):
+        state = TrainState(jnp.zeros((), jnp.int32), params, frozen, tx.init(params),
+                           jax.random.key(0))  # fmt: skip
+        step = jax.jit(make_train_step(graphdef, lm.next_token_loss_fn(), tx, grad_accum=k))
+        out.append(step(state, batch))
+    (s1, m1), (s4, m4) = out
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    assert float(m4["target_tokens"]) == float(m1["target_tokens"]) == mask.sum()
+    for a, b in zip(jax.tree.leaves(s4.params), jax.tree.leaves(s1.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # f32 summation order
+
+
 def test_packing_isolation_in_the_model():
     cfg = presets.get_preset("micro")
     model = Transformer(cfg, rngs=nnx.Rngs(0))

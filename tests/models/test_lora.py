@@ -119,3 +119,58 @@ def test_grad_only_through_lora():
     # B starts at zero, so only B gets a nonzero gradient at the first step.
     g_b = dict(leaves)[("layers", 0, "attn", "q", "lora_b")]
     assert float(jnp.abs(g_b[...]).max()) > 0
+
+
+def _step_outputs(model, steps):
+    """The loss the train step sees at each of `steps` (same weights), via its aux."""
+    import optax
+
+    from fft.train.state import TrainState, split_model
+    from fft.train.step import make_train_step
+
+    tokens = _tokens()
+    graphdef, params, frozen = split_model(model, lora.lora_filter)
+    tx = optax.sgd(0.0)
+
+    def loss_fn(m, batch, rng):
+        out = m(batch["tokens"]).astype(jnp.float32)
+        return out.mean(), {"out": out.mean()}
+
+    step = jax.jit(make_train_step(graphdef, loss_fn, tx))
+    state = TrainState(jnp.zeros((), jnp.int32), params, frozen, tx.init(params), jax.random.key(0))
+    return [float(step(state.replace(step=jnp.int32(s)), {"tokens": tokens})[1]["out"])
+            for s in steps]  # fmt: skip
+
+
+def test_dropout_fresh_masks_per_step_and_off_outside_the_step():
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    tokens = _tokens()
+    lora.apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1), dropout=0.5)
+    _randomize_b(model)
+    # Outside the train step (evals, generation, rollouts) there is no dropout: the output is
+    # the exact output of the same weights without dropout, and repeatable.
+    plain = Transformer(CFG, rngs=nnx.Rngs(0))
+    lora.apply_lora(plain, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    nnx.update(plain, nnx.state(model, lora.lora_filter))
+    np.testing.assert_array_equal(
+        np.asarray(forward(model, tokens)), np.asarray(forward(plain, tokens))
+    )
+    # Inside it: a new mask every step (the counter used to live in state the step never wrote
+    # back, so every step drew the same masks), the same mask for the same step.
+    a, b, a2 = _step_outputs(model, [0, 1, 0])
+    no_drop = float(forward(plain, tokens).astype(jnp.float32).mean())
+    assert a != b and a == a2 and no_drop not in (a, b)
+
+
+def test_adapters_stay_f32_on_a_bf16_base():
+    model = Transformer(CFG.replace(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    lora.apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    leaves = jax.tree.leaves(nnx.state(model, lora.lora_filter))
+    assert leaves and all(x.dtype == jnp.float32 for x in leaves)
+    assert (
+        nnx.state(model, nnx.Param)["layers"][0]["attn"]["q"]["kernel"][...].dtype == jnp.bfloat16
+    )
+    import optax
+
+    opt = optax.adamw(1e-3).init(nnx.state(model, lora.lora_filter))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(opt) if x.ndim)
