@@ -56,7 +56,7 @@ def get_config(variant: str = ""):
     r.train_prompts = 4000  # synthetic training prompts (the stream cycles through them)
     r.eval_prompts = 64  # held-out prompts for true reward / win rate / KL
     r.max_new_tokens = 32  # response length limit N (covers ~95% of synthetic answers)
-    r.temperature = 1.0  # sampling temperature of rollouts (1.0 = on-policy)
+    r.temperature = 1.0  # rollout sampling temperature; the learner uses the same (> 0)
     r.rollout_batch = 64  # sequences per rollout (prompts x group_size for GRPO)
     r.epochs = 2  # PPO epochs over each rollout
     r.group_size = 4  # GRPO: samples per prompt (ignored by PPO)

@@ -3,7 +3,8 @@
 `generate_tokens` runs one jitted function: prefill the left-padded prompts into a cache sized
 exactly prompt + new tokens, then a `lax.while_loop` that decodes one token per step and exits
 early once every row has hit a stop token. It returns the new tokens, their log-probabilities
-under the raw (temperature 1) model distribution, and a mask up to and including the first stop.
+under the distribution they were sampled from (the model's, divided by the temperature; the raw
+model's when greedy; before any top-k / top-p cut), and a mask up to and including the first stop.
 `generate` wraps it with a tokenizer: strings in, strings out.
 
 On one x86-64 CPU device (no mesh, or a 1-device one) the loop's small-batch matmuls and its
@@ -30,7 +31,8 @@ from fft.models import layers as L
 
 @flax.struct.dataclass
 class GenerateOutput:
-    """tokens `[B,N]` int32; logprobs `[B,N]` f32 (raw log_softmax of the chosen token);
+    """tokens `[B,N]` int32; logprobs `[B,N]` f32 (log_softmax(logits / temperature) of the
+    chosen token; raw logits when greedy);
     mask `[B,N]` (1 up to and including the first stop token); lengths `[B]` = mask.sum(1)."""
 
     tokens: jax.Array
@@ -136,7 +138,9 @@ def _generate_loop(
         i, logits_bv, pos_b, cache, done, tokens, logprobs, out_mask, rng = carry
         rng, key = jax.random.split(rng)
         tok_b = sample(logits_bv, key)
-        lp_b = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1), tok_b[:, None], axis=-1)[
+        # Log-probs of the tempered distribution the token came from: what RL learners need.
+        scaled = logits_bv if greedy else logits_bv.astype(jnp.float32) / temperature
+        lp_b = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok_b[:, None], axis=-1)[
             :, 0
         ]
         live = ~done

@@ -15,6 +15,7 @@ Recipe:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 
@@ -187,20 +188,42 @@ def make_loss_fn(loss: str, beta: float, label_smoothing: float = 0.0):
 # ---------------------------------------------------------------------------------------------
 
 
-def _cached_reference(path, rows, compute) -> dict[str, np.ndarray]:
-    """Reference log-probs from `path` when it matches these rows, else computed and saved."""
+def reference_key(rows: dict[str, np.ndarray], reference: nnx.Module) -> str:
+    """A hash of the encoded pairs and the reference model's identity.
+
+    The rows carry the data, `seq_len` (their width) and the tokenizer (their ids); the reference
+    is fingerprinted by its config and a strided sample of every weight (cheap at any size, and
+    any retrained or other base differs in it).
+    """
+    h = hashlib.sha256()
+    for k in sorted(rows):
+        a = np.ascontiguousarray(rows[k])
+        h.update(f"{k}{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    h.update(repr(getattr(reference, "cfg", None)).encode())
+    for path, x in sorted(nnx.to_flat_state(nnx.state(reference)), key=lambda kv: str(kv[0])):
+        w = np.asarray(x[...]).ravel()
+        h.update(str(path).encode())
+        h.update(w[:: max(1, w.size // 4096)].astype(np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cached_reference(path, key: str, compute) -> dict[str, np.ndarray]:
+    """Reference log-probs from `path` when it was saved under `key`, else computed and saved."""
     if os.path.exists(path):
         with np.load(path) as f:
             cached = {k: f[k] for k in f.files}
-        if cached.get("n_rows", np.array(-1)).item() == len(rows["chosen_tokens"]):
-            cached.pop("n_rows")
+        if str(cached.pop("key", "")) == key:
+            print(f"[dpo] reference log-probs read from {path} (key {key}).", flush=True)
             return cached
+        print(f"[dpo] {path} is for other pairs or another reference: recomputing.", flush=True)
     ref = compute()
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp.npz"
-        np.savez(tmp, n_rows=np.array(len(rows["chosen_tokens"])), **ref)
+        np.savez(tmp, key=np.array(key), **ref)
         os.replace(tmp, path)
+    print(f"[dpo] reference log-probs computed and cached in {path} (key {key}).", flush=True)
     return ref
 
 
@@ -215,11 +238,11 @@ def run(config, workdir: str) -> dict:
     reference = evals.reference_model(base.model_config, base.load_weights)
     ref = _cached_reference(
         os.path.join(workdir, "dpo_reference.npz"),
-        rows,
+        reference_key(rows, reference),
         lambda: reference_logprobs(reference, rows),
     )
     rows.update(ref)
-    print(f"[dpo] {len(rows['chosen_tokens'])} pairs; reference log-probs cached.", flush=True)
+    print(f"[dpo] {len(rows['chosen_tokens'])} pairs.", flush=True)
 
     eval_records = tasks_lib.prompts(world, c.prompts, "test", c.eval_prompts)
     lora = config.lora.rank > 0

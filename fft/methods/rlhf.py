@@ -107,6 +107,11 @@ def _check(config) -> None:
             f"config.seq_len={config.seq_len} must exceed rlhf.max_new_tokens={c.max_new_tokens} "
             "(prompts get seq_len - max_new_tokens tokens)."
         )
+    if not c.temperature > 0:
+        raise config_lib.ConfigError(
+            f"config.rlhf.temperature={c.temperature}: rollouts must sample (> 0; 1.0 is the "
+            "model's own distribution)."
+        )
 
 
 def run(config, workdir: str) -> dict:
@@ -184,6 +189,7 @@ def run(config, workdir: str) -> dict:
         ent_coef=c.ent_coef,
         kl_loss_coef=c.kl_coef if grpo else 0.0,
         use_value=not grpo,
+        temperature=c.temperature,
     )
     evaluate = evals.make_evaluate(
         eval_records,

@@ -52,6 +52,7 @@ def make_loss_fn(
     ent_coef: float = 0.0,
     kl_loss_coef: float = 0.0,
     use_value: bool = True,
+    temperature: float = 1.0,
 ):
     """LossFn `(model, batch, rng) -> (loss, aux)` for PPO / GRPO minibatches.
 
@@ -66,12 +67,15 @@ def make_loss_fn(
       ent_coef: weight of the entropy bonus.
       kl_loss_coef: weight of the KL-to-reference term in the loss.
       use_value: train a value head (PPO) or not (GRPO).
+      temperature: the rollouts' sampling temperature; the policy's logits are divided by it,
+        as they were for the old log-probs (`rollout.teacher_forced`), so the first update's
+        ratio is exactly 1.
     """
 
     def loss_fn(model, batch, rng):
         del rng
         logits, logp, values = rollout_lib.policy_outputs(
-            model, batch["tokens"], batch["positions"], batch["segment_ids"]
+            model, batch["tokens"], batch["positions"], batch["segment_ids"], temperature
         )
         mask = batch["loss_mask"]
         pg, clip_frac, approx_kl = objectives.ppo_policy_loss(

@@ -128,10 +128,14 @@ def shift_right(x_bt):
     return jnp.pad(x_bt[:, :-1], ((0, 0), (1, 0)))
 
 
-def policy_outputs(model, tokens, positions, segment_ids):
-    """(logits [B,T,V], logp [B,T], values [B,T] or None) of a policy, token-aligned."""
+def policy_outputs(model, tokens, positions, segment_ids, temperature=1.0):
+    """(logits [B,T,V], logp [B,T], values [B,T] or None) of a policy, token-aligned.
+
+    The logits (and so logp) are divided by `temperature`: the policy an RL learner optimises is
+    the distribution its rollouts were sampled from.
+    """
     hidden = model.hidden_states(tokens, positions, segment_ids)
-    logits = model.logits(hidden)
+    logits = model.logits(hidden).astype(jnp.float32) / temperature
     logp = losses.token_logprobs(logits, tokens)
     head = getattr(model, VALUE_HEAD, None)
     values = shift_right(head(hidden)) if head is not None else None
@@ -139,8 +143,12 @@ def policy_outputs(model, tokens, positions, segment_ids):
 
 
 @nnx.jit
-def teacher_forced(model, ref_model, batch):
+def teacher_forced(model, ref_model, batch, temperature=1.0):
     """Policy log-probs, reference log-probs and values of every token of `batch`, in one jit.
+
+    Both policy and reference logits are divided by `temperature` (traced), as in TRL: sampled
+    at temperature T, the rollout's old log-probs, the KL penalty and the PPO ratio all belong
+    to the same tempered distributions.
 
     Args:
       model: the policy (a decoder, maybe with LoRA and a `value_head`).
@@ -152,13 +160,13 @@ def teacher_forced(model, ref_model, batch):
       (logp [B,T], ref_logp [B,T], values [B,T] (zeros without a value head)).
     """
     args = (batch["tokens"], batch["positions"], batch["segment_ids"])
-    _, logp, values = policy_outputs(model, *args)
+    _, logp, values = policy_outputs(model, *args, temperature=temperature)
     if ref_model is None:
         with lora_lib.disable_lora(model):
             ref_logits = model(*args)
     else:
         ref_logits = ref_model(*args)
-    ref_logp = losses.token_logprobs(ref_logits, batch["tokens"])
+    ref_logp = losses.token_logprobs(ref_logits.astype(jnp.float32) / temperature, batch["tokens"])
     if values is None:
         values = jnp.zeros_like(logp)
     return logp, ref_logp, values
@@ -215,7 +223,9 @@ def collect(
       rng: sampling key.
       reward_fn: the training reward (reward model or judge).
       true_reward_fn: the judge, for metrics (None: not reported).
-      temperature, top_k, top_p: sampling settings (keep 1.0 / 0 / 1.0 for on-policy PPO).
+      temperature, top_k, top_p: sampling settings. The learner's log-probs use the same
+        temperature (on-policy at any T > 0); top-k / top-p cuts are not corrected for (keep
+        0 / 1.0 for PPO).
       prompt_format: how records render as prompts (`fft.data.formats.encode_prompt`).
 
     Returns:
@@ -238,7 +248,10 @@ def collect(
     response_bn, resp_mask_bn = np.asarray(out.tokens), np.asarray(out.mask)
     batch = sequences(prompt_bp, prompt_mask_bp, response_bn, resp_mask_bn)
     logp, ref_logp, values = teacher_forced(
-        policy, ref_model, {k: jnp.asarray(v) for k, v in batch.items()}
+        policy,
+        ref_model,
+        {k: jnp.asarray(v) for k, v in batch.items()},
+        jnp.float32(temperature if temperature > 0 else 1.0),
     )
     texts = rewards_lib.decode_responses(tokenizer, response_bn, resp_mask_bn, stops)
     scores = np.asarray(reward_fn(records, batch, texts), np.float32)

@@ -61,3 +61,34 @@ def test_dpo_smoke(tmp_path):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         train = [json.loads(x) for x in f if '"split": "train"' in x]
     assert {"reward_margin", "reward_accuracy"} <= set(train[-1])
+
+
+def test_reference_cache_is_keyed_on_rows_and_reference(tmp_path, capsys):
+    """Same number of pairs, other data or another reference: recomputed, never reused."""
+    from flax import nnx
+
+    from fft.models import presets
+    from fft.models.transformer import Transformer
+
+    cfg = presets.get_preset("micro").replace(vocab_size=64)
+    ref_a, ref_b = Transformer(cfg, rngs=nnx.Rngs(0)), Transformer(cfg, rngs=nnx.Rngs(1))
+    rows = {"chosen_tokens": np.arange(12).reshape(3, 4), "rejected_tokens": np.ones((3, 4))}
+    other = {"chosen_tokens": np.arange(12).reshape(3, 4) + 1, "rejected_tokens": np.ones((3, 4))}
+    path = str(tmp_path / "dpo_reference.npz")
+    calls = []
+
+    def compute(value):
+        def f():
+            calls.append(value)
+            return {"ref_chosen_logp": np.full(3, value, np.float32)}
+
+        return f
+
+    key = dpo.reference_key(rows, ref_a)
+    assert dpo._cached_reference(path, key, compute(-1.0))["ref_chosen_logp"][0] == -1.0
+    assert dpo._cached_reference(path, key, compute(-2.0))["ref_chosen_logp"][0] == -1.0
+    assert "read from" in capsys.readouterr().out
+    for k in (dpo.reference_key(other, ref_a), dpo.reference_key(rows, ref_b)):
+        assert k != key
+        assert dpo._cached_reference(path, k, compute(-3.0))["ref_chosen_logp"][0] == -3.0
+    assert calls == [-1.0, -3.0, -3.0]

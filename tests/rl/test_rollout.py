@@ -170,3 +170,38 @@ def test_ppo_batches_resume_identically():
 
 def _pull(it):
     return next(it)
+
+
+def test_tempered_rollout_is_on_policy():
+    """At temperature T the learner's old log-probs, the reference's and the loss all use the
+    tempered distribution the tokens were sampled from; the first update's ratio is exactly 1."""
+    t = 0.5
+    model = _policy(lora=True)
+    _perturb_lora(model)
+    ro = rollout.collect(
+        model, None, RECORDS, tokenizer=CharTokenizer(), prompt_len=64, max_new_tokens=8,
+        rng=jax.random.key(0), reward_fn=lambda r, s, x: np.zeros(len(x)), temperature=t,
+    )  # fmt: skip
+    p, b = ro.prompt_len, ro.batch
+    m = b["loss_mask"][:, p:]
+    args = (jnp.asarray(b["tokens"]), jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"]))
+    logits = np.asarray(model(*args), np.float64)
+    want = np.take_along_axis(
+        jax.nn.log_softmax(logits[:, :-1] / t, -1), b["tokens"][:, 1:, None], -1
+    )[..., 0]
+    np.testing.assert_allclose(ro.logp[:, p:] * m, want[:, p - 1 :] * m, atol=2e-4)
+    np.testing.assert_allclose(ro.sample_logp, ro.logp[:, p:] * m, atol=2e-4)
+    with lora_lib.disable_lora(model):
+        ref_logits = np.asarray(model(*args), np.float64)
+    want_ref = np.take_along_axis(
+        jax.nn.log_softmax(ref_logits[:, :-1] / t, -1), b["tokens"][:, 1:, None], -1
+    )[..., 0]
+    np.testing.assert_allclose(ro.ref_logp[:, p:] * m, want_ref[:, p - 1 :] * m, atol=2e-4)
+
+    batch = {k: jnp.asarray(v) for k, v in b.items()}
+    batch.update(
+        old_logprobs=jnp.asarray(ro.logp),
+        advantages=jnp.ones_like(batch["loss_mask"], jnp.float32),
+    )
+    _, aux = ppo.make_loss_fn(use_value=False, temperature=t)(model, batch, None)
+    assert float(aux["approx_kl"]) < 1e-6 and float(aux["clip_frac"]) == 0.0
