@@ -558,3 +558,31 @@ def test_cli_tokenizer_of_the_wrong_size(tmp_path, tokenizer):
     base = _fake_workdir(tmp_path / "base", tokenizer, 300)
     line = _cli(tmp_path, f"--config.init_from={base}")
     assert "has 320 tokens" in line and "vocab_size=300" in line and base in line
+
+
+def test_dpo_and_rlhf_user_data_skip_or_name_bad_lines(tmp_path, capsys):
+    """Preference pairs (DPO) and prompts (PPO) from a user file: a bad line is a counted skip
+    under data.on_bad_record=skip, one error naming file:line otherwise (a None record reached
+    the encoder before)."""
+    from fft import config_lib
+    from fft.methods import dpo, rlhf
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    pairs = tmp_path / "pairs.jsonl"
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    pairs.write_text(json.dumps(good) + "\n{not json\n" + json.dumps(good) + "\n")
+    for name, read in (
+        ("dpo", lambda c: dpo.pair_records(c, None)),
+        ("rlhf", lambda c: rlhf.prompt_records(c, None)[0]),
+    ):
+        config = config_lib.load_config(os.path.join(root, f"configs/{name}.py"), "smoke")
+        with config.unlocked():
+            config.data.train = str(pairs)
+            config.data.format = "preference" if name == "dpo" else "instruction"
+            config.data.on_bad_record = "skip"
+        assert read(config) == [good, good]
+        assert "skipped 1 bad records" in capsys.readouterr().out
+        with config.unlocked():
+            config.data.on_bad_record = "error"
+        with pytest.raises(BadRecordError, match=r"pairs.jsonl:2"):
+            read(config)

@@ -334,6 +334,26 @@ def open_source(spec: str, *, on_bad_record: str = "error", data_dir: str | None
     return JsonlSource(files, on_bad_record)
 
 
+def read_records(spec, *, on_bad_record: str = "error", limit: int | None = None) -> list[dict]:
+    """Every readable record of `spec` (see `open_source`; or an opened source), in order.
+
+    In 'skip' mode the unreadable ones are left out and their number is printed, naming the
+    data; `limit` stops after that many readable records.
+    """
+    src = open_source(spec, on_bad_record=on_bad_record)
+    out = []
+    for i in range(len(src)):
+        if limit is not None and len(out) >= limit:
+            break
+        record = src[i]
+        if record is not None:
+            out.append(record)
+    if getattr(src, "skipped", 0):
+        name = spec if isinstance(spec, str) else type(src).__name__
+        print(f"[data] {name}: skipped {src.skipped} bad records (data.on_bad_record=skip).")
+    return out
+
+
 def _is_unicode(text: str) -> bool:
     """False for strings holding lone surrogates ("\\ud800" in JSON), which no tokenizer takes."""
     try:

@@ -61,8 +61,7 @@ def pair_records(config, world: World) -> list[dict]:
     """Training pairs from config.data.train or the synthetic world (config.dpo.data)."""
     c = config.dpo
     if config.data.train:
-        src = sources.open_source(config.data.train, on_bad_record=config.data.on_bad_record)
-        records = [src[i] for i in range(len(src))]
+        records = sources.read_records(config.data.train, on_bad_record=config.data.on_bad_record)
         if config.data.format == "ranking":
             records = [p for r in labels.for_training(records) for p in ranking_to_pairs(r)]
         return records

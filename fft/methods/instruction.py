@@ -67,14 +67,7 @@ def _records(config, spec: str, split: str, n: int):
 
 def _eval_records(source, n: int) -> list[dict]:
     """The first `n` readable records of a source (bad ones skipped in 'skip' mode)."""
-    out = []
-    for i in range(len(source)):
-        if len(out) >= n:
-            break
-        record = source[i]
-        if record is not None:
-            out.append(record)
-    return out
+    return sources.read_records(source, limit=n)
 
 
 def _check(config) -> None:

@@ -73,10 +73,11 @@ def prompt_records(config, world: World) -> tuple[list[dict], list[dict], str]:
     c = config.rlhf
     tasks = [t.strip() for t in c.tasks.split(",") if t.strip()] or None
     if config.data.train:
-        src = sources.open_source(config.data.train, on_bad_record=config.data.on_bad_record)
-        train = [src[i] for i in range(len(src))]
-        ev = sources.open_source(config.data.eval) if config.data.eval else None
-        evals = [ev[i] for i in range(len(ev))][: c.eval_prompts] if ev else train[: c.eval_prompts]
+        bad = config.data.on_bad_record
+        train = sources.read_records(config.data.train, on_bad_record=bad)
+        evals = train[: c.eval_prompts]
+        if config.data.eval:
+            evals = sources.read_records(config.data.eval, on_bad_record=bad, limit=c.eval_prompts)
         fmt = config.data.format if config.data.format != "text" else "instruction"
         return train, evals, fmt
     train = tasks_lib.prompts(world, c.prompts, "train", c.train_prompts, tasks)
