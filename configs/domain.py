@@ -8,7 +8,9 @@ Run (the README's main job; a few minutes on 2 CPU cores once fft:tiny is built)
 Your own data: --config.data.train=my_domain.jsonl --config.data.eval=my_domain_test.jsonl
 ({"text": ...} per line); --config.init_from=/path/to/hf_model for a local HF decoder.
 
-Variants: '' / 'full' (all weights), 'lora' (rank-16 adapters), 'vocab' (full + domain tokens
+Variants: '' / 'full' (all weights; lr 3e-5, 80% general replay: keeps general ability),
+'aggressive' (lr 1e-3, 25% replay: learns the domain further, general perplexity +46%),
+'lora' (rank-16 adapters), 'vocab' (full + domain tokens
 learned with sentencepiece, new embedding rows initialised from their sub-tokens), 'smoke'.
 Metrics (before / after, results.json): domain_ppl, general_ppl (retention) and tokens_per_doc;
 perplexities are per word over whole documents, so runs with different tokenizers compare.
@@ -19,18 +21,21 @@ import ml_collections
 from fft import config_lib
 
 # '' is the default (no ':variant' on the command line).
-VARIANTS = ("", "full", "lora", "vocab", "smoke")
+VARIANTS = ("", "full", "aggressive", "lora", "vocab", "smoke")
 
 
 def get_config(variant: str = ""):
-    """Returns the domain-adaptation config for `variant` ('', full, lora, vocab, smoke)."""
+    """Returns the domain-adaptation config for `variant` ('', full, aggressive, lora, vocab,
+    smoke)."""
     c = config_lib.base_config()
     c.method = "domain"
     c.init_from = "fft:tiny"
     c.steps = 150
     c.batch_size = 8
     c.seq_len = 256
-    c.optim.lr = 1e-3
+    # Low lr, mostly replay: the domain is learned (token ppl ÷5) while general perplexity moves
+    # < 10%; ':aggressive' learns the domain further at a cost in general ability.
+    c.optim.lr = 3e-5
     c.optim.schedule = "warmup_cosine"
     c.optim.warmup_steps = 15
     c.optim.min_lr_ratio = 0.1
@@ -47,7 +52,7 @@ def get_config(variant: str = ""):
     c.domain.train_docs = 3000  # synthetic domain documents for training
     c.domain.eval_docs = 200  # held-out domain and general documents for the evals
     c.domain.general_docs = 5000  # general documents replayed (from the pretraining corpus)
-    c.domain.replay = 0.25  # fraction of training records drawn from general text
+    c.domain.replay = 0.8  # fraction of training records drawn from general text
     c.domain.general_train = ""  # general replay data spec ('' = synthetic general corpus)
     c.domain.general_eval = ""  # general eval data spec ('' = synthetic held-out general text)
     c.domain.eval_seq_len = 256  # eval row length; only documents that fit whole are scored
@@ -58,6 +63,13 @@ def get_config(variant: str = ""):
     c.domain.vocab.sp_vocab = 2048  # vocabulary of the sentencepiece model learned on the domain
 
     if variant in ("", "full"):
+        return c
+    if variant in ("aggressive", "lora", "vocab", "smoke"):
+        # The earlier default: more domain, less general ability kept (lora, vocab and smoke
+        # start from it, as their recorded results did).
+        c.optim.lr = 1e-3
+        c.domain.replay = 0.25
+    if variant == "aggressive":
         return c
     if variant == "lora":
         c.lora.rank = 16

@@ -218,7 +218,8 @@ class ProgressBar:
 # decides ('reward_loss' is a loss).
 _HIGHER_PHRASES = ("exact_match", "win_rate", "tokens_per_s", "steps_per_s", "pass_at")
 _LOWER_WORDS = {
-    "loss", "ppl", "perplexity", "kl", "nll", "error", "err", "mse", "mae", "rmse", "wer", "cer",
+    "loss", "ppl", "perplexity", "kl", "nll", "bpb", "bpc", "error", "err", "mse", "mae", "rmse",
+    "wer", "cer",
     "forgetting", "s", "sec", "seconds", "latency", "memory", "bytes", "flops",
 }  # fmt: skip
 _HIGHER_WORDS = {

@@ -244,9 +244,10 @@ def test_summary_colours_changes_by_direction(tmp_path):
 
 
 def test_direction_and_relative_change():
-    assert [metrics.metric_direction(m) for m in ("loss", "domain_ppl", "kl", "rollout_s")] == [
-        -1
-    ] * 4
+    assert [
+        metrics.metric_direction(m)
+        for m in ("loss", "domain_ppl", "kl", "rollout_s", "general_bpb")
+    ] == [-1] * 5
     higher = ("exact_match/arithmetic", "pairwise_accuracy", "true_reward", "win_rate", "acc")
     assert all(metrics.metric_direction(m) == 1 for m in higher)
     assert metrics.metric_direction("grad_norm") == 0 and metrics.metric_direction("lr") == 0

@@ -95,3 +95,17 @@ def test_domain_smoke_run(tmp_path):
         tokenizers.load_tokenizer(str(tmp_path / "tokenizer")).vocab_size == results["vocab"]["new"]
     )
     assert jax.device_count() == 8  # the run shards its batch over the 8 test devices
+
+
+@pytest.mark.slow
+def test_default_domain_run_keeps_general_ability(tmp_path):
+    """The README's main job (fft:tiny, ~3 min on 2 cores): domain perplexity at most half of
+    before, general perplexity (per token, per word and bits per byte) less than 1.1x before."""
+    from fft import main
+
+    config = config_lib.load_config(os.path.join(REPO, "configs", "domain.py"), "")
+    before, after = (main.run(config, str(tmp_path))[k] for k in ("before", "after"))
+    assert after["domain_token_ppl"] <= 0.5 * before["domain_token_ppl"]
+    assert after["domain_ppl"] <= 0.5 * before["domain_ppl"]
+    for key in ("general_token_ppl", "general_ppl", "general_bpb"):
+        assert after[key] < 1.1 * before[key], key
