@@ -89,7 +89,7 @@ def load_spec(path: str | os.PathLike) -> Spec:
     tokenizer = tokenizers.load_tokenizer(os.path.join(path, "tokenizer"))
     tokenizers.check_fits(
         tokenizer,
-        model_config.vocab_size,
+        getattr(model_config, "n_tokens", model_config.vocab_size),  # padding rows are no ids
         tokenizer_name=os.path.join(path, "tokenizer"),
         model_name=os.path.join(path, "model.json"),
     )
@@ -261,18 +261,30 @@ def _find(flat: dict[str, np.ndarray], name: str, shape: tuple) -> np.ndarray | 
     return None
 
 
-def _grow_vocab(name: str, src: np.ndarray, shape: tuple) -> tuple[np.ndarray, int] | None:
-    """(`src` grown along its vocab axis to `shape`, new row count), or None when `name` is no
-    vocabulary leaf or the shapes differ otherwise. New rows are the mean of the old ones."""
-    axis = next((ax for k, ax in _VOCAB_AXIS.items() if name == k or name.endswith("." + k)), None)
+def _vocab_axis(name: str) -> int | None:
+    """The vocab axis of a vocabulary-bearing leaf (`embed.embedding`, `lm_head.kernel`)."""
+    return next((ax for k, ax in _VOCAB_AXIS.items() if name == k or name.endswith("." + k)), None)
+
+
+def _grow_vocab(
+    name: str, src: np.ndarray, shape: tuple, n_tokens: int | None = None
+) -> tuple[np.ndarray, int] | None:
+    """(`src` resized along its vocab axis to `shape`, new row count), or None when `name` is no
+    vocabulary leaf or the shapes differ otherwise.
+
+    The source's first `n_tokens` rows (default: all; fewer when its vocabulary is padded) are
+    kept, every other row of `shape` is the mean of those: a new token starts as an average
+    token, and a padding row of the source (never trained) is not taken for a token's row.
+    """
+    axis = _vocab_axis(name)
     if axis is None or src.ndim != len(shape):
         return None
     old, new = np.moveaxis(src, axis, 0), np.moveaxis(np.empty(shape, src.dtype), axis, 0)
-    if old.shape[1:] != new.shape[1:] or old.shape[0] >= new.shape[0]:
+    n = old.shape[0] if n_tokens is None else min(n_tokens, old.shape[0])
+    if old.shape[1:] != new.shape[1:] or new.shape[0] < n or new.shape[0] == old.shape[0]:
         return None
-    new[: old.shape[0]] = old
-    # The mean row: a new token starts as an average token rather than noise at another scale.
-    new[old.shape[0] :] = old.astype(np.float32).mean(axis=0).astype(src.dtype)
+    new[:n] = old[:n]
+    new[n:] = old[:n].astype(np.float32).mean(axis=0).astype(src.dtype)
     return np.moveaxis(new, 0, axis), new.shape[0] - old.shape[0]
 
 
@@ -286,8 +298,9 @@ def place(flat, abstract_state, shardings=None, *, model_config=None, source: st
       shardings: optional pytree of NamedSharding matching `abstract_state`; each array goes
         straight into its sharding, one tensor at a time.
       model_config: the source's architecture. When given, every parameter of that backbone
-        must be filled (else FFTError listing what is missing); LoRA adapters, new heads and
-        new vocabulary rows keep their fresh init, and the log counts them.
+        must be filled (else FFTError listing what is missing); LoRA adapters and new heads
+        keep their fresh init, and the log counts them. A vocabulary leaf of another row count
+        keeps the source's real rows (`real_vocab_size`), the other rows get their mean.
       source: names the source in errors and the log.
 
     Returns:
@@ -300,6 +313,8 @@ def place(flat, abstract_state, shardings=None, *, model_config=None, source: st
             shard_flat[_path_str(path)] = s
 
     leaves, wrong, grown = {}, {}, []
+    # A padded source (fft-built vocabularies): only its real rows are tokens worth keeping.
+    n_tokens = getattr(model_config, "real_vocab_size", 0) or None
     for path, var in nnx.to_flat_state(abstract_state):
         name = ".".join(str(p) for p in path)
         value = var.get_value() if hasattr(var, "get_value") else var
@@ -308,12 +323,12 @@ def place(flat, abstract_state, shardings=None, *, model_config=None, source: st
         if src is None:
             continue
         if tuple(src.shape) != shape:
-            bigger = _grow_vocab(name, src, shape)
-            if bigger is None:
+            resized = _grow_vocab(name, src, shape, n_tokens)
+            if resized is None:
                 wrong[name] = f"{name}: {tuple(src.shape)} in the source, {shape} in the model"
                 continue
-            src, n_new = bigger
-            grown.append(f"{name} (+{n_new} rows)")
+            src, n_new = resized
+            grown.append(f"{name} ({n_new:+d} rows)")
         arr = src.astype(dtype)
         sharding = shard_flat.get(name) or shard_flat.get(name + ".value")
         if sharding is not None:

@@ -186,11 +186,37 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None, rules: Rules | No
     return PartitionSpec(*spec)
 
 
-def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+log = logging.getLogger(__name__)
+
+# Replications already reported (see `_fit_spec`), so each is logged once per process.
+_WARNED: set[tuple] = set()
+
+
+def _fit_spec(
+    spec: PartitionSpec,
+    shape: Sequence[int],
+    mesh: Mesh,
+    *,
+    name: str | None = None,
+    logical_axes: Sequence[str | None] | None = None,
+) -> PartitionSpec:
     """Drops mesh axes from dims they do not divide (those dims stay replicated instead).
 
     Why: e.g. 2 kv heads on tensor=4, or a vocab of 50257 on tensor=2 — replicating that one
-    dim is correct and cheap, where an uneven sharding is an XLA error.
+    dim is correct, where an uneven sharding is an XLA error. It is not free (every device
+    holds, and for activations computes, the whole dim), so it is logged as a warning once per
+    (logical axis or shape, dim size, mesh axis): per layer or per optimizer moment it would
+    repeat the same news.
+
+    Args:
+      spec: the spec the rules give.
+      shape: the array's shape.
+      mesh: the mesh.
+      name: what the array is, for the warning ('embed.embedding', 'activation (...)').
+      logical_axes: the array's logical axis names, for the warning and its once-only key.
+
+    Returns:
+      `spec` without the axes that do not divide their dim.
     """
     out = []
     for i, dim in enumerate(shape):
@@ -200,17 +226,44 @@ def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partitio
         for a in axes:
             if dim % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
                 kept.append(a)
-        if len(kept) != len(axes):
-            logging.debug("sharding: dim %d of shape %s does not divide %s", i, shape, axes)
+            else:
+                _warn_replicated(name, shape, logical_axes, i, tuple(kept), a, mesh)
         out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return PartitionSpec(*out)
 
 
-def named_sharding(mesh: Mesh, logical_axes, shape=None, rules: Rules | None = None):
-    """NamedSharding for logical axes; with `shape`, non-dividing axes are dropped."""
+def _warn_replicated(name, shape, logical_axes, dim, kept, axis, mesh) -> None:
+    """Logs, once per key, that dim `dim` of an array is replicated over mesh axis `axis`."""
+    logical = logical_axes[dim] if logical_axes is not None and dim < len(logical_axes) else None
+    key = (logical or tuple(shape), shape[dim], kept, axis, mesh.shape[axis])
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    shards = math.prod(mesh.shape[k] for k in (*kept, axis))
+    over = f"mesh axis {axis!r} (size {mesh.shape[axis]})"
+    if kept:  # a dim sharded over several axes: `axis` is the one that no longer fits
+        over += f" after {', '.join(map(repr, kept))} ({shards} shards in all)"
+    log.warning(
+        "sharding: %s %s: dim %d (%s, size %d) does not divide over %s, so it is replicated "
+        "over %r (each device holds all of it). A size that is a multiple of %d "
+        "would shard it. (Logged once for all arrays with this dim.)",
+        name or "array",
+        tuple(shape),
+        dim,
+        repr(logical) if logical else "no logical name",
+        shape[dim],
+        over,
+        axis,
+        shards,
+    )
+
+
+def named_sharding(mesh: Mesh, logical_axes, shape=None, rules: Rules | None = None, *, name=None):
+    """NamedSharding for logical axes; with `shape`, non-dividing axes are dropped (and logged,
+    naming the array as `name`)."""
     spec = logical_to_spec(logical_axes, rules)
     if shape is not None:
-        spec = _fit_spec(spec, shape, mesh)
+        spec = _fit_spec(spec, shape, mesh, name=name, logical_axes=logical_axes)
     return NamedSharding(mesh, spec)
 
 
@@ -258,7 +311,13 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if ctx is None:
         return x
     mesh, rules = ctx
-    spec = _fit_spec(logical_to_spec(logical_axes, rules), x.shape, mesh)
+    spec = _fit_spec(
+        logical_to_spec(logical_axes, rules),
+        x.shape,
+        mesh,
+        name=f"activation {tuple(logical_axes)}",
+        logical_axes=logical_axes,
+    )
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
@@ -294,18 +353,31 @@ def state_shardings(tree, mesh: Mesh, rules: Rules | None = None):
     """
     rules = _rules_dict(rules)
 
-    def leaf_sharding(x, names=None):
+    def leaf_sharding(x, names=None, path=()):
         shape = getattr(x, "shape", ())
-        spec = _fit_spec(logical_to_spec(names, rules), shape, mesh) if names else PartitionSpec()
+        if not names:
+            return NamedSharding(mesh, PartitionSpec())
+        name = ".".join(str(_path_key(k)) for k in path)
+        spec = _fit_spec(logical_to_spec(names, rules), shape, mesh, name=name, logical_axes=names)
         return NamedSharding(mesh, spec)
 
-    def one(x):
+    def one(path, x):
         if isinstance(x, nnx.Variable):
             names = _logical_names(x)
-            return x.replace(value=leaf_sharding(x.get_value(), names))
+            return x.replace(value=leaf_sharding(x.get_value(), names, path))
         return leaf_sharding(x)
 
-    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(
+        one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def _path_key(k):
+    """The plain key of a pytree path entry (dict key, attribute name or sequence index)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return k
 
 
 def with_shardings(abstract_tree, shardings):

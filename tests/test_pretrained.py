@@ -17,6 +17,7 @@ from fft.interop import hf
 from fft.methods import transfer
 from fft.models import lora
 from fft.models.heads import ClassificationHead, SequenceClassifier
+from fft.models.presets import get_preset
 from fft.models.transformer import Transformer
 from fft.rl import rewards
 
@@ -207,3 +208,76 @@ def test_new_vocabulary_rows_keep_the_old_ones(micro, caplog):
         rtol=1e-6,
     )  # fmt: skip
     assert "embed.embedding (+88 rows)" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Item (issue 17 #9): padded vocabularies load, export cut back, and old model.json files load
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def padded_run(tmp_path_factory) -> pathlib.Path:
+    """fft:micro's recipe from scratch with a 330-piece tokenizer (padded to 384 rows), 2 steps."""
+    config = config_lib.pretrain_config("micro")
+    config.pretrain.vocab_size, config.pretrain.train_docs, config.pretrain.eval_docs = 330, 300, 8
+    config.steps, config.checkpoint_every, config.log_every = 2, 2, 1
+    workdir = tmp_path_factory.mktemp("padded")
+    main.run(config, str(workdir))
+    return workdir
+
+
+def test_padded_run_loads_masked_and_exports_the_real_rows(padded_run, tmp_path):
+    from safetensors import safe_open
+
+    model, tokenizer = fft.load(padded_run)
+    n = tokenizer.vocab_size
+    model_json = json.loads((padded_run / "model.json").read_text())
+    assert 256 < n <= 330 and (model_json["vocab_size"], model_json["real_vocab_size"]) == (384, n)
+    assert model.embed.embedding[...].shape[0] == 384 and model.cfg.n_tokens == n
+    logits = np.asarray(model(np.asarray([tokenizer.encode("the river")], np.int32)))
+    assert logits.shape[-1] == 384 and logits[..., n:].max() < -1e8
+    fft.export(padded_run, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == n
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "np") as f:
+        assert f.get_tensor("model.embed_tokens.weight").shape == (n, 64)
+        assert f.get_tensor("lm_head.weight").shape == (n, 64)
+    back, _ = fft.load(tmp_path / "hf")  # HF models keep their own (unpadded) vocabulary
+    np.testing.assert_allclose(
+        np.asarray(back(np.asarray([tokenizer.encode("the river")], np.int32))),
+        logits[..., :n],
+        atol=1e-5,
+    )
+
+
+def test_old_model_json_without_real_vocab_size_loads(micro, tmp_path):
+    """A model.json written before `real_vocab_size` existed (fft:micro's cache) loads, all
+    rows real; a model config without padding writes model.json without the field."""
+    raw = json.loads((pathlib.Path(micro) / "model.json").read_text())
+    assert "real_vocab_size" not in raw
+    cfg = pretrained.load_spec(micro).model_config
+    assert (cfg.vocab_size, cfg.real_vocab_size, cfg.n_tokens) == (512, 0, 512)
+    assert "real_vocab_size" not in cfg.to_dict()
+    padded = cfg.with_vocab(300)
+    assert padded.to_dict()["real_vocab_size"] == 300
+    assert type(cfg).from_dict(padded.to_dict()) == padded
+
+
+def test_init_from_an_unpadded_fft_workdir_pads_its_vocabulary(monkeypatch):
+    """An fft model of 330 rows (built before padding) is padded to 384 when a run starts from
+    it: the old rows are kept, the padding rows are their mean, the logits masked."""
+    from fft.train import lm
+
+    cfg = get_preset("micro").replace(vocab_size=330)
+    src = _flat(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))
+    spec = pretrained.Spec(
+        cfg, None, lambda a, s=None: pretrained.place(src, a, s, model_config=cfg), kind="fft"
+    )
+    monkeypatch.setattr(pretrained, "load_spec", lambda path: spec)
+    config = config_lib.base_config()
+    base = lm.load_base(config)
+    assert (base.model_config.vocab_size, base.model_config.n_tokens) == (384, 330)
+    got = _flat(base.load_weights(_abstract(base.model_config)))
+    for name, axis in (("embed.embedding", 0), ("lm_head.kernel", 1)):
+        new, old = np.moveaxis(got[name], axis, 0), np.moveaxis(src[name], axis, 0)
+        np.testing.assert_array_equal(new[:330], old)
+        np.testing.assert_allclose(new[330:], np.broadcast_to(old.mean(0), new[330:].shape), 1e-6)

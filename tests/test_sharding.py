@@ -177,3 +177,29 @@ def test_put_batch_shards_rows():
     )
     assert batch["tokens"].sharding.spec == PartitionSpec(("data", "fsdp"), None)
     np.testing.assert_array_equal(batch["labels"], np.arange(8))
+
+
+def test_replicated_dim_warns_once_naming_it(caplog):
+    """Issue 17 #9: a dim left replicated because it does not divide its mesh axis is a warning
+    naming the parameter, the dim, its size and the axis, logged once (not per layer, per
+    optimizer moment, or per traced activation)."""
+    mesh = sharding.make_mesh(data=1, tensor=8)
+    cfg = get_preset("micro").replace(vocab_size=300, n_heads=8, n_kv_heads=8, head_dim=8)
+    abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    sharding._WARNED.clear()  # other tests may have reported the same dims
+    with caplog.at_level("WARNING", logger="fft.sharding"):
+        for _ in range(2):  # e.g. params, then optimizer state of the same shapes
+            sh = sharding.state_shardings(abstract, mesh)
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        with sharding.use_mesh(mesh):
+            for t in (4, 6):  # two traces; the logits dim repeats in each
+                nnx.jit(lambda m, x: m(x))(model, jnp.zeros((2, t), jnp.int32))
+    assert sh["embed"]["embedding"].get_value().spec == PartitionSpec(None, "fsdp")
+    messages = [r.getMessage() for r in caplog.records if "does not divide" in r.getMessage()]
+    params = [m for m in messages if not m.startswith("sharding: activation")]
+    assert len(params) == 1, messages  # embed.embedding and lm_head.kernel share the dim
+    for text in ("embed.embedding", "dim 0", "'vocab'", "size 300", "'tensor' (size 8)"):
+        assert text in params[0], params[0]
+    acts = [m for m in messages if m.startswith("sharding: activation")]
+    assert len(acts) == 1 and "'act_vocab', size 300" in acts[0], messages
+    assert all(r.levelname == "WARNING" for r in caplog.records if "does not divide" in r.msg)

@@ -302,6 +302,36 @@ def _int(s):
     return int(s) if isinstance(s, str) and s.isdigit() else s
 
 
+# Vocabulary-bearing leaves and their vocab axis (as in fft.pretrained).
+_VOCAB_LEAVES = {("embed", "embedding"): 0, ("lm_head", "kernel"): -1}
+
+
+def unpad_vocab(model_config, flat: dict[Path, object]):
+    """(config, params) cut back to the real vocabulary, as HF and PEFT expect it.
+
+    fft pads the vocabulary of the models it builds (`ModelConfig.with_vocab`); transformers
+    loads a model with its tokenizer's vocabulary, so the padding rows (masked in fft's
+    logits) are dropped from the embedding and the output layer, and `vocab_size` says so.
+
+    Args:
+      model_config: the fft config; one without `real_vocab_size` is returned as it is.
+      flat: `{path tuple: array}` of the params (`lm_head.kernel` may be its LoRA `lora_b`).
+
+    Returns:
+      (config with vocab_size = real vocabulary and no padding, flat with the rows cut).
+    """
+    n = getattr(model_config, "real_vocab_size", 0)
+    if not n:
+        return model_config, flat
+    out = dict(flat)
+    for path, value in flat.items():
+        key = path[-2:] if path[-1] != "lora_b" else (path[-2], "kernel")
+        axis = _VOCAB_LEAVES.get(key)
+        if axis is not None and np.shape(value)[axis] == model_config.vocab_size:
+            out[path] = np.take(np.asarray(value), np.arange(n), axis=axis)
+    return model_config.replace(vocab_size=n, real_vocab_size=0), out
+
+
 def _lookup(flat, path: Path):
     if path in flat:
         return flat[path]
@@ -340,6 +370,7 @@ def export_hf(
 
     os.makedirs(out_dir, exist_ok=True)
     flat = _params_to_export(model_or_state, lora_scale)
+    model_config, flat = unpad_vocab(model_config, flat)
     shards, current, size = [], {}, 0
     for entry in hf_layout.layout(model_config):
         arr = np.ascontiguousarray(

@@ -23,6 +23,7 @@ from flax import nnx
 
 from fft.config_lib import FFTError
 from fft.interop import hf_layout
+from fft.interop.hf import unpad_vocab
 
 _PREFIX = "base_model.model."
 
@@ -90,6 +91,8 @@ def export_peft(
     lora, scales = _flat_lora(model_state)
     if not lora:
         raise FFTError("the model has no LoRA adapters to export (lora.rank=0?)")
+    # PEFT applies the adapter to the HF export, whose vocabulary has no padding rows.
+    model_config, lora = unpad_vocab(model_config, lora)
     rank, alpha = int(_get(lora_cfg, "rank", 0)), float(_get(lora_cfg, "alpha", 0) or 0)
     rslora = bool(_get(lora_cfg, "rslora", _get(lora_cfg, "use_rslora", False)))
     names = _linear_entries(model_config)
@@ -210,7 +213,11 @@ def import_peft(adapter_dir: str, model, model_config=None, *, rngs: nnx.Rngs | 
         a_shape, b_shape = lin.lora_a[...].shape, lin.lora_b[...].shape
         if a_shape[-1] != rank:
             raise FFTError(f"{path} has rank-{a_shape[-1]} adapters; the PEFT adapter is r={rank}")
+        b = ab["B"].T
+        if b.shape[-1] == getattr(cfg, "real_vocab_size", -1) and b_shape[-1] == cfg.vocab_size:
+            # The output layer of a padded vocabulary (unpad_vocab cut it on export).
+            b = np.pad(b, ((0, 0), (0, cfg.vocab_size - b.shape[-1])))
         lin.lora_a[...] = ab["A"].T.reshape(a_shape).astype(lin.lora_a[...].dtype)
-        lin.lora_b[...] = ab["B"].T.reshape(b_shape).astype(lin.lora_b[...].dtype)
+        lin.lora_b[...] = b.reshape(b_shape).astype(lin.lora_b[...].dtype)
         lin.lora_scale = float(scale)
     return model

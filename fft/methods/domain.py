@@ -116,7 +116,8 @@ def extend_params(flat: dict[str, np.ndarray], subs: dict[int, list[int]],
     """Grows `embed.embedding [V,D]` and `lm_head.kernel [D,V]` to `new_vocab` rows / columns.
 
     Row (column) i of a new token is the mean of the rows (columns) of its old sub-tokens
-    `subs[i]`; ids not in `subs` (padding) start at zero. Old rows are copied unchanged, so for
+    `subs[i]`; rows past the old ones and not in `subs` (padding) start at zero. Old rows are
+    copied unchanged (an old padding row that becomes a new token is then overwritten), so for
     inputs made of old ids the old logits are exactly the same.
     """
     out = dict(flat)
@@ -167,9 +168,15 @@ def _extend_vocab(config, workdir, base: lm.Base, domain_texts):
         # NORMAL pieces scored like the best old piece: unigram segmentation then prefers them.
         new_tok = tokenizers.extend_vocab(old_tok, pieces, user_defined=False)
     subs = sub_token_ids(old_tok, new_tok)
-    new_vocab = max(base.model_config.vocab_size, new_tok.vocab_size)
-    model_config = base.model_config.replace(vocab_size=new_vocab)
-    load = _extended_loader(base, base.model_config, subs, new_vocab)
+    old_cfg = base.model_config
+    n_tokens = max(old_cfg.n_tokens, new_tok.vocab_size)
+    if n_tokens > old_cfg.vocab_size:
+        # Grown rows are padded to a multiple of 128 (ModelConfig.with_vocab says why).
+        model_config = old_cfg.with_vocab(n_tokens)
+    else:
+        # The new ids fit the padding rows (or a HF model's spare rows): they stop being masked.
+        model_config = old_cfg.replace(real_vocab_size=n_tokens)
+    load = _extended_loader(base, old_cfg, subs, model_config.vocab_size)
     return new_tok, model_config, load, subs
 
 

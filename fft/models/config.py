@@ -23,6 +23,8 @@ _CHOICES = {
     "param_dtype": ("float32", "bfloat16", "float16"),
 }
 _ROPE_TYPES = ("default", "linear", "llama3")
+# fft-built vocabularies are padded to a multiple of this many rows (ModelConfig.with_vocab).
+VOCAB_MULTIPLE = 128
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,7 +32,8 @@ class ModelConfig:
     """Architecture of a transformer. See docs/architecture.md for what each field means."""
 
     family: str = "llama"  # informational: llama|mistral|qwen2|gemma|gemma2|gpt2|bert
-    vocab_size: int  # rows of the embedding table
+    vocab_size: int  # rows of the embedding table (and columns of the output layer)
+    real_vocab_size: int = 0  # ids below it are tokens, the rest padding rows; 0 = vocab_size
     d_model: int  # width of the residual stream
     n_layers: int  # number of transformer blocks
     n_heads: int  # query heads
@@ -77,6 +80,14 @@ class ModelConfig:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
             if int(getattr(self, key)) <= 0:
                 raise ConfigError(f"ModelConfig.{key} must be positive, got {getattr(self, key)}.")
+        if not 0 <= self.real_vocab_size <= self.vocab_size:
+            raise ConfigError(
+                f"ModelConfig.real_vocab_size={self.real_vocab_size} must be in "
+                f"[0, vocab_size={self.vocab_size}]."
+            )
+        if self.real_vocab_size == self.vocab_size:
+            # One spelling per model (hash, JSON, equality): 0 means no padding rows.
+            object.__setattr__(self, "real_vocab_size", 0)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"ModelConfig.n_heads={self.n_heads} is not a multiple of "
@@ -101,6 +112,9 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict; `from_dict(to_dict())` round-trips."""
         d = dataclasses.asdict(self)
+        if not d["real_vocab_size"]:
+            # Unpadded models keep the model.json they had before the field existed.
+            del d["real_vocab_size"]
         if d["rope_scaling"] is not None:
             d["rope_scaling"] = dict(d["rope_scaling"])
         return d
@@ -119,6 +133,22 @@ class ModelConfig:
         d = self.to_dict()
         d.update(kw)
         return ModelConfig.from_dict(d)
+
+    @property
+    def n_tokens(self) -> int:
+        """The real vocabulary: ids `0..n_tokens-1`; rows from `n_tokens` up are padding."""
+        return self.real_vocab_size or self.vocab_size
+
+    def with_vocab(self, n_tokens: int, multiple: int = VOCAB_MULTIPLE) -> ModelConfig:
+        """A copy for `n_tokens` real ids, its rows padded up to a multiple of `multiple`.
+
+        Why pad: a vocabulary of e.g. 4099 rows divides over no tensor-parallel mesh axis, so
+        the embedding and the logits would be replicated on every device (`fft.sharding` warns);
+        128 also keeps the unembedding matmul on whole MXU / tensor-core tiles. The padding rows
+        are masked out of the logits (`Transformer.logits`) and cut off on export.
+        """
+        rows = -(-n_tokens // multiple) * multiple
+        return self.replace(vocab_size=rows, real_vocab_size=n_tokens)
 
     def is_local_layer(self, i: int) -> bool:
         """Whether layer `i` uses the sliding window (HF `sliding_window_pattern` convention)."""

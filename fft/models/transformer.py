@@ -81,6 +81,25 @@ def _remat_policy(name: str):
     return {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
 
 
+# The logit of a padding row. Finite on purpose: its softmax probability is exactly 0 all the
+# same, but -inf would make KL terms p * (log p - log q) compute 0 * (-inf - -inf) = NaN.
+PADDING_LOGIT = -1e9
+
+
+def mask_padding_logits(logits_btv, n_tokens: int):
+    """Sets the logits of ids >= `n_tokens` (padding rows of the vocabulary) to PADDING_LOGIT.
+
+    Args:
+      logits_btv: float32 logits, vocabulary last.
+      n_tokens: the real vocabulary size.
+
+    Returns:
+      The logits, padding ids never chosen and of probability 0.
+    """
+    ids = jnp.arange(logits_btv.shape[-1])
+    return jnp.where(ids < n_tokens, logits_btv, jnp.asarray(PADDING_LOGIT, logits_btv.dtype))
+
+
 class Transformer(nnx.Module):
     """Decoder-only language model. See docs/architecture.md for the interface."""
 
@@ -152,7 +171,10 @@ class Transformer(nnx.Module):
         return self.final_norm(x_btd)
 
     def logits(self, hidden_btd):
-        """Unembeds hidden states: float32 logits `[B, T, V]` (with the optional softcap)."""
+        """Unembeds hidden states: float32 logits `[B, T, V]` (with the optional softcap).
+
+        With `cfg.real_vocab_size`, the padding ids' logits are PADDING_LOGIT (probability 0).
+        """
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(hidden_btd)
         else:
@@ -161,6 +183,8 @@ class Transformer(nnx.Module):
         if self.cfg.logit_softcap:
             c = self.cfg.logit_softcap
             logits = jnp.tanh(logits / c) * c
+        if self.cfg.real_vocab_size:
+            logits = mask_padding_logits(logits, self.cfg.real_vocab_size)
         return sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:

@@ -15,7 +15,7 @@ from fft import pretrained
 from fft.data import formats
 from fft.models import lora as lora_lib
 from fft.models import presets
-from fft.models.config import ModelConfig
+from fft.models.config import VOCAB_MULTIPLE, ModelConfig
 from fft.models.transformer import Transformer
 from fft.tokenizers import Tokenizer
 from fft.train import losses
@@ -43,12 +43,29 @@ def _runtime_options(model_config: ModelConfig, config) -> ModelConfig:
 def load_base(config) -> Base:
     """The base named by `config.init_from` (a local path after fft.zoo resolved presets)."""
     spec = pretrained.load_spec(config.init_from)
-    return Base(_runtime_options(spec.model_config, config), spec.tokenizer, spec.load_weights)
+    model_config = spec.model_config
+    if spec.kind == "fft" and isinstance(model_config, ModelConfig):
+        # An fft model built before vocabularies were padded (or with another multiple) gets
+        # its padding here; `load_weights` fills the new rows (pretrained.place). HF models
+        # keep their own rows, so their logits stay exactly transformers'.
+        model_config = _padded(model_config)
+    return Base(_runtime_options(model_config, config), spec.tokenizer, spec.load_weights)
+
+
+def _padded(model_config: ModelConfig) -> ModelConfig:
+    """`model_config` with its rows padded to a multiple of VOCAB_MULTIPLE (if not already)."""
+    if model_config.vocab_size % VOCAB_MULTIPLE == 0:
+        return model_config
+    return model_config.with_vocab(model_config.n_tokens)
 
 
 def scratch_base(config, tokenizer: Tokenizer) -> Base:
-    """A randomly initialised `config.model.preset`, sized to `tokenizer`'s vocabulary."""
-    model_config = presets.get_preset(config.model.preset).replace(vocab_size=tokenizer.vocab_size)
+    """A randomly initialised `config.model.preset`, sized to `tokenizer`'s vocabulary.
+
+    The embedding gets `tokenizer.vocab_size` real rows padded up to a multiple of
+    VOCAB_MULTIPLE (masked in the logits, cut off on export): see `ModelConfig.with_vocab`.
+    """
+    model_config = presets.get_preset(config.model.preset).with_vocab(tokenizer.vocab_size)
     if config.seq_len > model_config.max_seq_len:
         model_config = model_config.replace(max_seq_len=config.seq_len)
     return Base(_runtime_options(model_config, config), tokenizer, None)

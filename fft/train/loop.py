@@ -107,7 +107,8 @@ def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
 # ModelConfig fields that are runtime options or sizes fitted to the data, not the architecture
 # a preset names: a loaded fft:tiny with its own vocabulary or bf16 compute is still 'tiny'.
 _NOT_ARCHITECTURE = (
-    "vocab_size", "max_seq_len", "dtype", "param_dtype", "remat", "scan_layers", "attention",
+    "vocab_size", "real_vocab_size", "max_seq_len", "dtype", "param_dtype", "remat",
+    "scan_layers", "attention",
 )  # fmt: skip
 
 

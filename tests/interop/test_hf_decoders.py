@@ -202,3 +202,27 @@ def test_config_round_trip_of_presets():
         assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg.replace(max_seq_len=cfg.max_seq_len)
     with pytest.raises(FFTError, match="post_norms"):
         hf.config_to_hf(get_preset("micro").replace(post_norms=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_linear", "gpt2"])
+def test_padded_vocab_exports_real_rows(family, transformers_mod, torch_mod, tmp_path):
+    """Issue 17 #9: an fft model with a padded vocabulary (300 tokens in 384 rows) exports a
+    300-row model that transformers loads, with fft's logits on the real ids."""
+    from fft.models.transformer import Transformer
+
+    cfg = hf.config_from_hf(hf_config(transformers_mod, family).to_dict()).with_vocab(300)
+    assert (cfg.vocab_size, cfg.real_vocab_size) == (384, 300)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    hf.export_hf(model, cfg, str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == 300
+    back = transformers_mod.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), attn_implementation="eager"
+    ).eval()
+    assert tuple(back.get_input_embeddings().weight.shape) == (300, 64)
+    assert tuple(back.get_output_embeddings().weight.shape) == (300, 64)
+    tok, mask, pos = left_padded_batch(300, seed=3)
+    real = mask.astype(bool)
+    want = np.asarray(model(jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(mask)))
+    assert want.shape[-1] == 384
+    got = _hf_logits(torch_mod, back, tok, mask, pos)
+    np.testing.assert_allclose(got[real], want[..., :300][real], atol=1e-4, err_msg=family)

@@ -103,3 +103,41 @@ def test_export_peft_from_flat_dict(tmp_path):
     a = t["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"]
     assert a.shape == (4, cfg.n_heads * cfg.head_dim)
     assert t["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (64, 4)
+
+
+def test_lm_head_adapter_of_a_padded_vocab_round_trips(transformers_mod, torch_mod, tmp_path):
+    """Issue 17 #9: with a padded vocabulary (100 tokens in 128 rows) the exported base and the
+    lm_head adapter have 100 rows, PEFT gives fft's logits on them, and import pads back."""
+    peft = pytest.importorskip("peft")
+    from fft.models.lora import disable_lora
+
+    cfg = get_preset("micro").with_vocab(100)
+    assert (cfg.vocab_size, cfg.n_tokens) == (128, 100)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    apply_lora(model, LORA["rank"], LORA["alpha"], ("q", "lm_head"), rngs=nnx.Rngs(1))
+    for i, lin in enumerate((model.lm_head, model.layers[0].attn.q)):
+        lin.lora_b[...] = jax.random.normal(jax.random.key(i), lin.lora_b[...].shape) * 0.05
+    with disable_lora(model):
+        hf.export_hf(model, cfg, str(tmp_path / "base"))
+    fft_peft.export_peft(model, cfg, LORA, str(tmp_path / "adapter"), str(tmp_path / "base"))
+    base = transformers_mod.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "base"), attn_implementation="eager"
+    )
+    peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    tok, mask, pos = left_padded_batch(100)
+    with torch_mod.no_grad():
+        want = peft_model(
+            input_ids=torch_mod.tensor(tok, dtype=torch_mod.long),
+            attention_mask=torch_mod.tensor(mask),
+            position_ids=torch_mod.tensor(pos, dtype=torch_mod.long),
+        ).logits.numpy()
+    got = np.asarray(model(jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(mask)))
+    real = mask.astype(bool)
+    assert want.shape[-1] == 100 and got.shape[-1] == 128
+    np.testing.assert_allclose(got[..., :100][real], want[real], atol=1e-4)
+
+    fresh = Transformer(cfg, rngs=nnx.Rngs(0))
+    fft_peft.import_peft(str(tmp_path / "adapter"), fresh)
+    assert fresh.lm_head.lora_b[...].shape == (4, 128)
+    again = np.asarray(fresh(jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(mask)))
+    np.testing.assert_allclose(again[real], got[real], atol=1e-5)

@@ -109,3 +109,35 @@ def test_default_domain_run_keeps_general_ability(tmp_path):
     assert after["domain_ppl"] <= 0.5 * before["domain_ppl"]
     for key in ("general_token_ppl", "general_ppl", "general_bpb"):
         assert after[key] < 1.1 * before[key], key
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_vocab_extension_pads_rows_to_128(world, tmp_path, padded):
+    """Issue 17 #9: an extended vocabulary is padded to a multiple of 128 rows. The new ids of a
+    padded base take over padding rows (as the mean of their sub-tokens, not the stale padding
+    rows); a base without spare rows grows to the next multiple of 128, the rest masked."""
+    from fft.train import lm
+
+    old_tok = tokenizers.train_sentencepiece(world.general_corpus(300), 330)
+    n_old = old_tok.vocab_size
+    cfg = presets.get_preset("micro")
+    cfg = cfg.with_vocab(n_old) if padded else cfg.replace(vocab_size=n_old)
+    src = _flat(Transformer(cfg, rngs=nnx.Rngs(0)))
+    base = lm.Base(cfg, old_tok, lambda a, s=None: pretrained.place(src, a, s, model_config=cfg))
+    config = config_lib.load_config(os.path.join(REPO, "configs", "domain.py"), "smoke")
+    config.domain.vocab.source, config.domain.vocab.new_tokens = "terms", 24
+    tok, new_cfg, load, subs = domain._extend_vocab(config, str(tmp_path), base, [])
+    n_new = tok.vocab_size
+    assert n_new == n_old + len(subs) and len(subs) > 0
+    rows = -(-n_new // 128) * 128
+    assert (new_cfg.vocab_size, new_cfg.n_tokens) == (rows, n_new)
+    model = Transformer(new_cfg, rngs=nnx.Rngs(1))
+    nnx.update(model, load(nnx.state(model), None))
+    emb = _flat(model)["embed.embedding"]
+    np.testing.assert_array_equal(emb[:n_old], src["embed.embedding"][:n_old])
+    for i, ids in subs.items():
+        np.testing.assert_allclose(emb[i], src["embed.embedding"][ids].mean(0), rtol=1e-6)
+    tokens = np.asarray([tok.encode(t)[:16] for t in world.general_corpus(2)], np.int32)
+    logits = np.asarray(model(tokens))
+    assert logits.shape[-1] == rows and (logits.argmax(-1) < n_new).all()
+    assert logits[..., n_new:].max() < -1e8 < logits[..., :n_new].min()

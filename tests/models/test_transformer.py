@@ -223,3 +223,48 @@ def test_jit_split_merge_roundtrip():
     toks = tokens(cfg)
     out = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, toks)
     np.testing.assert_allclose(np.asarray(out), np.asarray(forward(model, toks)), atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_padded_vocab_rows_are_never_chosen(tied):
+    """Issue 17 #9: a model built from a 300-token tokenizer has 384 rows (a multiple of 128);
+    the logits of ids >= 300 are masked (argmax, probability, sampling, generation), with a
+    finite value so that KL terms p * (log p - log q) stay finite."""
+    from types import SimpleNamespace
+
+    from fft import config_lib
+    from fft.generate import generate_tokens
+    from fft.train import lm
+
+    config = config_lib.base_config()
+    config.model.preset = "micro"
+    config.seq_len = 64
+    cfg = lm.scratch_base(config, SimpleNamespace(vocab_size=300)).model_config
+    cfg = cfg.replace(tie_embeddings=tied)
+    assert (cfg.vocab_size, cfg.real_vocab_size, cfg.n_tokens) == (384, 300, 300)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert model.embed.embedding[...].shape[0] == 384
+    # Make the padding rows the best match for every hidden state, were they not masked.
+    toks = jax.random.randint(jax.random.key(1), (B, T), 0, 300)
+    h = model.hidden_states(toks)
+    direction = h.reshape(-1, h.shape[-1]).mean(0)
+    if tied:
+        model.embed.embedding[...] = model.embed.embedding[...].at[300:].set(direction * 1e3)
+    else:
+        model.lm_head.kernel[...] = (
+            model.lm_head.kernel[...].at[:, 300:].set(direction[:, None] * 1e3)
+        )
+    logits = model(toks)
+    padding_logit = h.astype(jnp.float32) @ (direction * 1e3)  # what rows >= 300 would give
+    assert float((padding_logit > logits[..., :300].max(-1)).mean()) > 0.9  # and win, unmasked
+    assert logits.shape[-1] == 384 and np.isfinite(np.asarray(logits)).all()
+    assert int(jnp.argmax(logits, -1).max()) < 300
+    probs = jax.nn.softmax(logits, -1)
+    assert float(probs[..., 300:].max()) == 0.0
+    logp = jax.nn.log_softmax(logits, -1)
+    logq = jax.nn.log_softmax(model(toks[:, ::-1]), -1)
+    assert np.isfinite(np.asarray((probs * (logp - logq)).sum(-1))).all()
+    mask = jnp.ones((B, 4), jnp.int32)
+    for temperature in (0.0, 5.0):
+        out = generate_tokens(model, toks[:, :4], mask, max_new_tokens=16, temperature=temperature)
+        assert int(np.asarray(out.tokens).max()) < 300, temperature
