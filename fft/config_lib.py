@@ -388,18 +388,23 @@ def known_models() -> tuple[str, ...]:
     return tuple(BASE_MODELS) + tuple(SFT_MODELS)
 
 
+# Real pretrained models by name (resolved by fft.interop.hub from the `[models]` extra).
+REAL_MODELS = ("smollm2-135m-instruct", "gemma3-270m")
+
+
 def check_init_from(source: str, key: str = "config.init_from") -> None:
     """Raises ConfigError unless `source` can be resolved, without building or loading anything.
 
-    Resolvable: '' (scratch), a known 'fft:<name>', 'pip:<distribution>' (checked when loaded),
-    or an existing local path (an fft workdir or a HF model directory).
+    Resolvable: '' (scratch), a known 'fft:<name>', 'pip:<distribution>', a name of
+    `REAL_MODELS` or 'hf:org/name' (those checked when loaded), or an existing local path (an
+    fft workdir, a HF model directory or a .gguf file).
 
     Args:
       source: the value of `init_from` (or any model source).
       key: how the error names the value (the config key or argument the user gave).
     """
     source = os.fspath(source) if isinstance(source, os.PathLike) else source
-    if not source or source.startswith("pip:"):
+    if not source or source.startswith(("pip:", "hf:")) or source in REAL_MODELS:
         return
     if source.startswith("fft:"):
         if source[len("fft:") :] not in known_models():

@@ -1,4 +1,5 @@
-"""Where a run's starting weights come from: an fft workdir/checkpoint or a local HF directory.
+"""Where a run's starting weights come from: an fft workdir/checkpoint, a local HF directory, or
+a llama.cpp `.gguf` file (dequantized by `fft.interop.gguf`).
 
 `load_spec(path)` reads the architecture and tokenizer and returns a `load_weights` function
 that the train loop calls with the new model's abstract state and shardings. Loading is partial
@@ -37,12 +38,15 @@ class Spec:
     model_config: ModelConfig
     tokenizer: tokenizers.Tokenizer
     load_weights: Callable | None
-    kind: str  # 'fft' | 'hf'
+    kind: str  # 'fft' | 'hf' | 'gguf'
 
 
 def kind_of(path: str | os.PathLike) -> str:
-    """'fft' for an fft workdir / checkpoint dir, 'hf' for a HuggingFace model dir."""
+    """'fft' for an fft workdir / checkpoint dir, 'hf' for a HuggingFace model dir, 'gguf' for
+    a `.gguf` file."""
     path = os.fspath(path)
+    if path.lower().endswith(".gguf") and os.path.isfile(path):
+        return "gguf"
     if os.path.exists(os.path.join(path, "model.json")):
         return "fft"
     if os.path.exists(os.path.join(path, "config.json")) and (
@@ -50,8 +54,8 @@ def kind_of(path: str | os.PathLike) -> str:
     ):
         return "hf"
     raise FFTError(
-        f"{path} is neither an fft workdir (model.json + checkpoints/) nor a HuggingFace model "
-        "directory (config.json + *.safetensors)."
+        f"{path} is neither an fft workdir (model.json + checkpoints/), a HuggingFace model "
+        "directory (config.json + *.safetensors) nor a .gguf file."
     )
 
 
@@ -64,15 +68,15 @@ def load_spec(path: str | os.PathLike) -> Spec:
     """
     path = os.fspath(path)
     kind = kind_of(path)
-    if kind == "hf":
-        from fft.interop import hf
+    if kind in ("hf", "gguf"):
+        from fft.interop import gguf, hf
 
-        model_config, tokenizer, read = hf.load_spec(path)
+        model_config, tokenizer, read = (hf if kind == "hf" else gguf).load_spec(path)
         tokenizers.check_fits(
             tokenizer,
             model_config.vocab_size,
             tokenizer_name=path,
-            model_name=os.path.join(path, "config.json"),
+            model_name=os.path.join(path, "config.json") if kind == "hf" else path,
         )
 
         def load_weights(abstract_state, shardings=None):
@@ -80,7 +84,7 @@ def load_spec(path: str | os.PathLike) -> Spec:
             check_loaded(abstract_state, loaded, model_config, path)
             return loaded
 
-        return Spec(model_config, tokenizer, load_weights, kind="hf")
+        return Spec(model_config, tokenizer, load_weights, kind=kind)
     with open(os.path.join(path, "model.json")) as f:
         raw = json.load(f)
     model_config = (

@@ -53,14 +53,21 @@ def _with_specials(ids: list[int], bos: int, eos: int, add_bos: bool, add_eos: b
 
 
 def _read_config(directory: str) -> dict:
+    """`tokenizer_config.json` of `directory` ({} if absent), plus `chat_template.jinja`."""
     path = os.path.join(directory, _CONFIG_FILE)
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise FFTError(f"{path}: not valid JSON ({e})") from None
+    config = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise FFTError(f"{path}: not valid JSON ({e})") from None
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if not config.get("chat_template") and os.path.exists(jinja):
+        # transformers >= 5 saves the template in its own file, not in tokenizer_config.json.
+        with open(jinja, encoding="utf-8") as f:
+            config["chat_template"] = f.read()
+    return config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,6 +313,16 @@ class HFTokenizer:
             named = {t.get("name"): t.get("template") for t in config["chat_template"]}
             config["chat_template"] = named.get("default")
         return cls(tokenizers.Tokenizer.from_file(path), config)
+
+    @property
+    def backend(self):
+        """The wrapped `tokenizers.Tokenizer` (read it; changing it changes this tokenizer)."""
+        return self._tok
+
+    @property
+    def config(self) -> dict:
+        """A copy of the `tokenizer_config.json` entries this tokenizer was built with."""
+        return dict(self._config)
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids

