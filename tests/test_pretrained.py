@@ -247,6 +247,15 @@ def test_padded_run_loads_masked_and_exports_the_real_rows(padded_run, tmp_path)
         logits[..., :n],
         atol=1e-5,
     )
+    pytest.importorskip("gguf")
+    fft.export(padded_run, tmp_path / "m.gguf", format="gguf", quant="f32")
+    back, _ = fft.load(tmp_path / "m.gguf")  # GGUF too holds the real rows only
+    assert back.embed.embedding[...].shape[0] == n
+    np.testing.assert_allclose(
+        np.asarray(back(np.asarray([tokenizer.encode("the river")], np.int32))),
+        logits[..., :n],
+        atol=1e-5,
+    )
 
 
 def test_old_model_json_without_real_vocab_size_loads(micro, tmp_path):
