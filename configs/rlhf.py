@@ -14,10 +14,18 @@ Run:
   python -m fft.main --config=configs/rlhf.py --workdir=runs/rlhf_rm \
       --config.rlhf.reward=runs/reward                                       # PPO vs the RM
   python -m fft.main --config=configs/rlhf.py:grpo --workdir=runs/grpo
+  python -m fft.main --config=configs/rlhf.py:grpo --workdir=runs/dapo \
+      --config.rlhf.algo=dapo --config.rlhf.dynamic_sampling=true   # or advantage=, loss=
+  python -m fft.main --config=configs/rlhf.py:arithmetic --workdir=runs/arith   # RLVR
+  python -m fft.main --config=configs/rlhf.py:grpo --workdir=runs/mine \
+      --config.rlhf.reward=python:my_pkg.rewards:score    # a reward as code
   python -m fft.main --config=configs/rlhf.py:smoke --workdir=/tmp/rlhf      # < 1 minute
 Variants: '' (PPO, LoRA), 'grpo' (GRPO, no critic), 'full' (PPO, all weights), 'sentiment'
 (controlled sentiment generation from fft:tiny: continue review openings, rewarded by their
-sentiment), 'smoke', 'smoke_grpo'.
+sentiment), 'arithmetic' (verifiable reward: word problems, GRPO + LoRA), 'smoke', 'smoke_grpo'.
+
+The objective: `rlhf.advantage` and `rlhf.loss` name entries of fft/rl/registry.py; `rlhf.algo`
+is a preset of both. A reward as code is `(prompts, completions, metadata) -> list[float]`.
 
 `steps` counts optimizer steps: each rollout of `rlhf.rollout_batch` sequences gives
 `rlhf.epochs * rollout_batch / batch_size` of them.
@@ -28,7 +36,7 @@ import ml_collections
 from fft import config_lib
 
 # '' is the default (no ':variant' on the command line).
-VARIANTS = ("", "ppo", "full", "grpo", "sentiment", "smoke", "smoke_grpo")
+VARIANTS = ("", "ppo", "full", "grpo", "sentiment", "arithmetic", "smoke", "smoke_grpo")
 
 
 def get_config(variant: str = ""):
@@ -48,10 +56,12 @@ def get_config(variant: str = ""):
     c.log_every = 4  # one line per rollout (epochs * rollout_batch / batch_size)
 
     r = c.rlhf = ml_collections.ConfigDict()
-    r.algo = "ppo"  # ppo (value head + GAE) | grpo (group-relative advantages, no critic)
-    r.reward = "judge"  # 'judge' (synthetic true reward) or a reward-method workdir
+    r.algo = "ppo"  # advantage + loss preset: ppo | grpo | dr_grpo | dapo | gspo | rloo
+    r.advantage = ""  # estimator (fft.rl.registry): gae | grpo | dr_grpo | rloo; '' = algo's
+    r.loss = ""  # policy loss (fft.rl.registry): ppo_clip | grpo | dr_grpo | dapo | gspo; ''=algo's
+    r.reward = "judge"  # 'judge' (the prompt set's own) | 'python:pkg.module:fn' | RM workdir
     r.world_seed = 0  # synthetic world seed (prompts and judge)
-    r.prompts = "instructions"  # instructions | reviews (sentiment generation): fft.rl.tasks
+    r.prompts = "instructions"  # instructions | reviews | arithmetic: fft.rl.tasks
     r.tasks = ""  # comma list of instruction tasks for prompts ('' = all)
     r.train_prompts = 4000  # synthetic training prompts (the stream cycles through them)
     r.eval_prompts = 64  # held-out prompts for true reward / win rate / KL
@@ -59,9 +69,13 @@ def get_config(variant: str = ""):
     r.temperature = 1.0  # rollout sampling temperature; the learner uses the same (> 0)
     r.rollout_batch = 64  # sequences per rollout (prompts x group_size for GRPO)
     r.epochs = 2  # PPO epochs over each rollout
-    r.group_size = 4  # GRPO: samples per prompt (ignored by PPO)
-    r.grpo_normalize = True  # GRPO: divide by the group's reward std
-    r.clip_eps = 0.2  # PPO ratio clip
+    r.group_size = 4  # group estimators (grpo, dr_grpo, rloo): samples per prompt
+    r.clip_eps = 0.2  # ratio clip (the lower one when clip_eps_high is set)
+    r.clip_eps_high = 0.0  # upper ratio clip (DAPO's clip-higher); 0 = the loss's default
+    r.dynamic_sampling = False  # DAPO: drop groups of equal rewards, refill from more prompts
+    r.max_sampling_rounds = 4  # dynamic sampling: prompt batches per rollout at most
+    r.overlong_buffer = 0  # DAPO overlong shaping: penalty zone before max_new_tokens (0 = off)
+    r.overlong_penalty = 1.0  # overlong shaping: the penalty at max_new_tokens
     r.value_clip = 0.2  # value clip range (0 = off)
     r.vf_coef = 0.1  # value-loss weight
     r.ent_coef = 0.0  # entropy bonus weight
@@ -95,6 +109,18 @@ def get_config(variant: str = ""):
         r.eval_prompts = 128  # held-out openings
         r.kl_controller = "fixed"  # the reward-vs-KL frontier sweeps a fixed coefficient
         r.kl_coef = 0.1  # per-token KL penalty
+        return c
+    if variant == "arithmetic":
+        # RL from a verifiable reward (fft.rl.tasks 'arithmetic'): multi-step word problems,
+        # reward 1 for the right last integer + 0.1 for ending "The answer is N.", GRPO + LoRA.
+        r.prompts = "arithmetic"
+        r.algo = "grpo"
+        r.group_size = 8  # more samples per problem: more groups with a right and a wrong answer
+        r.kl_controller = "fixed"
+        r.kl_coef = 0.04  # in-loss k3 KL weight
+        c.seq_len = 224  # a problem (~100-160 tokens) + a worked solution
+        r.max_new_tokens = 64  # room for the steps and "The answer is N."
+        r.eval_prompts = 200  # held-out problems: true_reward = fraction right, greedy
         return c
     if variant in ("smoke", "smoke_grpo"):
         config_lib.smoke(c)

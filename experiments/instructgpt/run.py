@@ -53,7 +53,8 @@ def evaluate_base(base: str, sft: str, ppo_config) -> dict:
     """The pretrained base under the PPO run's evaluation (same prompts, judge and SFT opponent)."""
     import fft
     from fft.data.synthetic import World
-    from fft.rl import evals
+    from fft.rl import evals, rewards
+    from fft.rl import tasks as tasks_lib
 
     c = ppo_config.rlhf
     world = World(c.world_seed)
@@ -68,7 +69,7 @@ def evaluate_base(base: str, sft: str, ppo_config) -> dict:
         prompt_len=ppo_config.seq_len - c.max_new_tokens,
         max_new_tokens=c.max_new_tokens,
         ref_model=sft_model,
-        judge=world.judge,
+        true_reward_fn=rewards.code_reward_fn(tasks_lib.REWARDS["instructions"][1]),
         seed=ppo_config.seed + 1,
     )
     return evaluate(base_model)

@@ -39,6 +39,7 @@ def run_ppo(args) -> None:
     from fft.rl import ppo
     from fft.rl import rewards as rewards_lib
     from fft.rl import rollout as rollout_lib
+    from fft.rl import tasks as tasks_lib
 
     config = _config(args)
     cfg0 = common.model_config(args.preset, config.seq_len)
@@ -68,7 +69,7 @@ def run_ppo(args) -> None:
         tokenizer=tokenizer,
         prompt_len=args.prompt,
         max_new_tokens=args.new,
-        reward_fn=rewards_lib.judge_fn(world.judge),
+        reward_fn=rewards_lib.code_reward_fn(tasks_lib.REWARDS["instructions"][0]),
         temperature=1.0,
         prompt_format="instruction",
     )

@@ -28,6 +28,7 @@ from fft import config_lib
 from fft.data import labels, pipeline, sources
 from fft.data.synthetic import World
 from fft.rl import evals, objectives
+from fft.rl import rewards as rewards_lib
 from fft.rl import tasks as tasks_lib
 from fft.train import lm, loop, losses
 
@@ -229,8 +230,8 @@ def _cached_reference(path, key: str, compute) -> dict[str, np.ndarray]:
 def run(config, workdir: str) -> dict:
     """Trains a policy with DPO / IPO; returns the results dict."""
     c = config.dpo
-    tasks_lib.check(c.prompts, "dpo.prompts")
-    world = World(c.world_seed)
+    tasks_lib.check(c.prompts, "dpo.prompts", ("instructions", "reviews"))
+    world = tasks_lib.world(c.world_seed)
     base = lm.load_base(config)
     tokenizer = base.tokenizer
     rows = encode_rows(pair_records(config, world), tokenizer, config.seq_len)
@@ -252,7 +253,7 @@ def run(config, workdir: str) -> dict:
         prompt_len=config.seq_len - c.max_new_tokens,
         max_new_tokens=c.max_new_tokens,
         ref_model=None if lora else reference,  # LoRA: the policy with adapters off
-        judge=tasks_lib.judge(world, c.prompts),
+        true_reward_fn=rewards_lib.code_reward_fn(tasks_lib.REWARDS[c.prompts][1]),
         seed=config.seed + 1,
     )
     if lora:

@@ -1,14 +1,21 @@
-"""RLHF with PPO (or GRPO): sample, score, and improve a policy against a reward, KL-bounded.
+"""RLHF / RLVR: sample, score, and improve a policy against a reward, KL-bounded.
+
+The objective is two registry names (`fft.rl.registry`): `rlhf.advantage` (gae, grpo, dr_grpo,
+rloo) and `rlhf.loss` (ppo_clip, grpo, dr_grpo, dapo, gspo), or the `rlhf.algo` preset of both.
 
 Recipe:
-  policy     the init_from decoder (an SFT model), LoRA or full, plus a value head (PPO only)
+  policy     the init_from decoder (an SFT model), LoRA or full, plus a value head (critic
+             estimators: gae)
   reference  the same weights frozen: with LoRA the policy with its adapters disabled (no second
              copy); without LoRA a separate frozen decoder, kept out of the checkpoints (it is
              re-read from init_from on resume)
-  reward     `rlhf.reward`: 'judge' (the synthetic world's true reward) or a reward-model workdir
-  data       `rlhf.prompts` of the synthetic world (`fft.rl.tasks`: the instruction tasks, or
-             review openings for controlled sentiment generation), or config.data.train records
-  learner    fft.rl.ppo: rollouts as the loop's train_data, the clipped PPO loss as its loss_fn
+  reward     `rlhf.reward`: 'judge' (the prompt set's own reward), a reward as code
+             ('python:package.module:function', `fft.rl.rewards`) or a reward-model workdir
+  data       `rlhf.prompts` of the synthetic world (`fft.rl.tasks`: the instruction tasks,
+             review openings for controlled sentiment generation, or arithmetic word problems),
+             or config.data.train records
+  learner    fft.rl.ppo: rollouts as the loop's train_data (with DAPO's dynamic sampling and
+             overlong shaping as switches), the registered loss as its loss_fn
   evals      greedy responses on held-out prompts: true reward (judge), win rate against the
              starting model, reward-model score; sampled responses: KL to the reference and
              their true reward
@@ -25,7 +32,7 @@ from fft.data import sources
 from fft.data.synthetic import World
 from fft.models.heads import ValueHead
 from fft.models.transformer import Transformer
-from fft.rl import evals, ppo
+from fft.rl import evals, ppo, registry
 from fft.rl import kl as kl_lib
 from fft.rl import rewards as rewards_lib
 from fft.rl import rollout as rollout_lib
@@ -90,15 +97,22 @@ def prompt_records(config, world: World) -> tuple[list[dict], list[dict], str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check(config) -> None:
+def _check(config) -> tuple[registry.Advantage, registry.Loss]:
+    """Config errors before anything loads; returns the resolved estimator and loss."""
     c = config.rlhf
     tasks_lib.check(c.prompts, "rlhf.prompts")
-    if c.algo not in ("ppo", "grpo"):
-        raise config_lib.ConfigError(f"config.rlhf.algo={c.algo!r}: choose 'ppo' or 'grpo'.")
-    group = c.group_size if c.algo == "grpo" else 1
-    if c.algo == "grpo" and group < 2:
-        raise config_lib.ConfigError("config.rlhf.group_size must be >= 2 for GRPO.")
-    if c.rollout_batch % (group * 1) or c.rollout_batch % config.batch_size:
+    adv, loss = registry.resolve(c.algo, c.advantage, c.loss)
+    group = c.group_size if adv.group else 1
+    if adv.group and group < 2:
+        raise config_lib.ConfigError(
+            f"config.rlhf.group_size must be >= 2 for the {adv.name!r} advantage."
+        )
+    if c.dynamic_sampling and not adv.group:
+        raise config_lib.ConfigError(
+            "config.rlhf.dynamic_sampling drops groups of equal rewards: it needs a group "
+            f"advantage ({', '.join(n for n, a in registry.ADVANTAGES.items() if a.group)})."
+        )
+    if c.rollout_batch % group or c.rollout_batch % config.batch_size:
         raise config_lib.ConfigError(
             f"config.rlhf.rollout_batch={c.rollout_batch} must be a multiple of "
             f"config.batch_size={config.batch_size} and of rlhf.group_size={group}."
@@ -113,47 +127,66 @@ def _check(config) -> None:
             f"config.rlhf.temperature={c.temperature}: rollouts must sample (> 0; 1.0 is the "
             "model's own distribution)."
         )
+    if not 0 <= c.overlong_buffer <= c.max_new_tokens:
+        raise config_lib.ConfigError(
+            f"config.rlhf.overlong_buffer={c.overlong_buffer} must be in [0, max_new_tokens]."
+        )
+    return adv, loss
+
+
+def rewards(config, tokenizer, train_records, eval_records):
+    """(reward_fn, eval_reward_fn, true_reward_fn) of the config, as RewardFns (or None).
+
+    'judge' is the prompt set's own reward (`tasks.REWARDS`); with records of one's own it is
+    the instruction judge, which needs their exact 'output'. The true reward (metrics) is the
+    prompt set's; the eval reports `reward` too when training on something else.
+    """
+    c = config.rlhf
+    if config.data.train:  # records of one's own: the judge knows instruction records only
+        has_answers = all("output" in r for r in train_records[:8] + eval_records[:8])
+        own = tasks_lib.REWARDS["instructions"] if has_answers else None
+    else:
+        own = tasks_lib.REWARDS[c.prompts]
+    true_fn = rewards_lib.code_reward_fn(own[1]) if own else None
+    spec = c.reward
+    if spec == "judge":
+        if own is None:
+            raise config_lib.ConfigError(
+                "config.rlhf.reward='judge' needs records with an exact 'output'; give a "
+                "reward as code ('python:package.module:function') or a reward-model workdir."
+            )
+        spec = own[0]
+    if spec.startswith(rewards_lib.PYTHON_PREFIX):
+        reward_fn = rewards_lib.code_reward_fn(spec)
+        return reward_fn, (None if own and spec == own[1] else reward_fn), true_fn
+    rm, rm_tokenizer = rewards_lib.load_reward_model(spec)
+    if rm_tokenizer.vocab_size != tokenizer.vocab_size:
+        raise config_lib.ConfigError(
+            f"reward model {spec!r} has vocabulary {rm_tokenizer.vocab_size}, the policy "
+            f"{tokenizer.vocab_size}: train the reward model from the same base."
+        )
+    reward_fn = rewards_lib.reward_model_fn(rm)
+    return reward_fn, reward_fn, true_fn
 
 
 def run(config, workdir: str) -> dict:
-    """Trains a policy with PPO / GRPO; returns the results dict (see the module docstring)."""
-    _check(config)
+    """Trains a policy with the configured objective; returns the results dict (see the module
+    docstring)."""
+    adv, loss = _check(config)
     c = config.rlhf
-    grpo = c.algo == "grpo"
-    group = c.group_size if grpo else 1
-    world = World(c.world_seed)
+    group = c.group_size if adv.group else 1
+    world = tasks_lib.world(c.world_seed)
     base = lm.load_base(config)
     tokenizer = base.tokenizer
     train_records, eval_records, fmt = prompt_records(config, world)
     prompt_len = config.seq_len - c.max_new_tokens
+    reward_fn, eval_reward_fn, true_fn = rewards(config, tokenizer, train_records, eval_records)
 
     ref_model = (
         None
         if config.lora.rank > 0
         else evals.reference_model(base.model_config, base.load_weights)
     )
-    if config.data.train:  # records of one's own: the judge knows instruction records only
-        has_answers = all("output" in r for r in train_records[:8] + eval_records[:8])
-        judge = world.judge if has_answers else None
-    else:
-        judge = tasks_lib.judge(world, c.prompts)
-    if c.reward == "judge":
-        if judge is None:
-            raise config_lib.ConfigError(
-                "config.rlhf.reward='judge' needs records with an exact 'output'; give a "
-                "reward-model workdir instead."
-            )
-        reward_fn, eval_reward_fn = rewards_lib.judge_fn(judge), None
-    else:
-        rm, rm_tokenizer = rewards_lib.load_reward_model(c.reward)
-        if rm_tokenizer.vocab_size != tokenizer.vocab_size:
-            raise config_lib.ConfigError(
-                f"reward model {c.reward!r} has vocabulary {rm_tokenizer.vocab_size}, the policy "
-                f"{tokenizer.vocab_size}: train the reward model from the same base."
-            )
-        reward_fn = eval_reward_fn = rewards_lib.reward_model_fn(rm)
-    true_fn = rewards_lib.judge_fn(judge) if judge is not None else None
-
     collect_fn = functools.partial(
         _collect,
         ref_model=ref_model,
@@ -176,21 +209,29 @@ def run(config, workdir: str) -> dict:
         seed=config.seed,
         group_size=group,
         prepare_kwargs=dict(
+            advantage=adv.name,
             kl_estimator=c.kl_estimator,
             gamma=c.gamma,
             lam=c.lam,
             whiten=c.whiten,
-            grpo_normalize=c.grpo_normalize,
         ),
+        dynamic_sampling=c.dynamic_sampling,
+        max_sampling_rounds=c.max_sampling_rounds,
+        overlong_buffer=c.overlong_buffer,
+        overlong_penalty=c.overlong_penalty,
     )
     loss_fn = ppo.make_loss_fn(
+        loss=loss.name,
         clip_eps=c.clip_eps,
+        clip_eps_high=c.clip_eps_high,
         value_clip=c.value_clip,
         vf_coef=c.vf_coef,
         ent_coef=c.ent_coef,
-        kl_loss_coef=c.kl_coef if grpo else 0.0,
-        use_value=not grpo,
+        # Without a critic the KL is not in the reward: it is a term of the loss instead.
+        kl_loss_coef=0.0 if adv.critic else c.kl_coef,
+        use_value=adv.critic,
         temperature=c.temperature,
+        max_len=c.max_new_tokens,
     )
     evaluate = evals.make_evaluate(
         eval_records,
@@ -199,7 +240,7 @@ def run(config, workdir: str) -> dict:
         prompt_len=prompt_len,
         max_new_tokens=c.max_new_tokens,
         ref_model=ref_model,
-        judge=judge,
+        true_reward_fn=true_fn,
         reward_fn=eval_reward_fn,
         seed=config.seed + 1,
     )
@@ -207,7 +248,7 @@ def run(config, workdir: str) -> dict:
         config,
         workdir,
         method="rlhf",
-        build_model=policy_builder(base.model_config, config, value_head=not grpo),
+        build_model=policy_builder(base.model_config, config, value_head=adv.critic),
         loss_fn=loss_fn,
         train_data=train_data,
         evaluate=evaluate,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def masked_sum(x, mask, axis=None):
@@ -161,3 +162,44 @@ def terminal_rewards(scores_b, mask_bn):
     last = jnp.sum(mask_bn, axis=1).astype(jnp.int32) - 1
     onehot = (jnp.arange(n)[None, :] == last[:, None]).astype(jnp.float32)
     return onehot * scores_b[:, None].astype(jnp.float32)
+
+
+def informative_groups(scores_b, group_size: int) -> np.ndarray:
+    """DAPO's dynamic-sampling filter: which groups' scores are not all equal (host, numpy).
+
+    A group whose G samples all scored the same has zero group-relative advantage everywhere,
+    so it adds no gradient, only dilutes the batch.
+
+    Args:
+      scores_b: [B] scores, B = n_groups * group_size, a group's samples adjacent.
+      group_size: G.
+
+    Returns:
+      bool [n_groups], True where max - min of the group's scores > 0.
+    """
+    s_gk = np.asarray(scores_b, np.float64).reshape(-1, group_size)
+    return s_gk.max(1) > s_gk.min(1)
+
+
+def overlong_penalty(lengths_b, max_len: int, buffer: int, factor: float = 1.0):
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the sequence score.
+
+        P(|y|) = 0                                   |y| <= N - L
+        P(|y|) = factor * ((N - L) - |y|) / L        N - L < |y| <= N     (reaches -factor at N)
+
+    with N = max_len (generation stops there: a response of N tokens was cut) and L = buffer.
+
+    Args:
+      lengths_b: [B] response lengths in tokens.
+      max_len: N.
+      buffer: L, the soft zone before the limit (0 = no penalty).
+      factor: the penalty at the limit.
+
+    Returns:
+      [B] float32 penalties (<= 0).
+    """
+    lengths_b = np.asarray(lengths_b, np.float32)
+    if buffer <= 0:
+        return np.zeros_like(lengths_b)
+    over = lengths_b - (max_len - buffer)
+    return (-factor * np.clip(over / buffer, 0.0, 1.0)).astype(np.float32)

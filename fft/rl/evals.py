@@ -64,7 +64,7 @@ def make_evaluate(
     prompt_len: int,
     max_new_tokens: int,
     ref_model,
-    judge=None,
+    true_reward_fn=None,
     reward_fn=None,
     seed: int = 0,
 ):
@@ -80,7 +80,7 @@ def make_evaluate(
       tokenizer: the policy's tokenizer.
       prompt_len, max_new_tokens: P and N.
       ref_model: the reference decoder, or None: the evaluated model with LoRA disabled.
-      judge: `(record, text) -> float`, the true reward (None: no true_reward / win_rate).
+      true_reward_fn: a RewardFn, the true reward (None: no true_reward / win_rate).
       reward_fn: a RewardFn (reward model) to report as `reward` (None: not reported).
       seed: sampling seed of the KL estimate (fixed, so evals are comparable).
 
@@ -99,9 +99,9 @@ def make_evaluate(
         tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
         texts = rewards_lib.decode_responses(tokenizer, tokens, mask, stops)
         seqs = rollout_lib.sequences(prompt_bp, mask_bp, tokens, mask)
-        if judge is None:
+        if true_reward_fn is None:
             return seqs, texts, None
-        return seqs, texts, np.asarray([judge(r, t) for r, t in zip(records, texts, strict=True)])
+        return seqs, texts, np.asarray(true_reward_fn(records, seqs, texts), np.float32)
 
     def evaluate(model) -> dict:
         out = gen(model, prompt_bp, mask_bp, temperature=0.0)

@@ -17,6 +17,25 @@ from fft.rl.advantages import masked_mean
 # ---------------------------------------------------------------------------------------------
 
 
+def clipped_surrogate(ratio_bn, advantages_bn, *, clip_low: float, clip_high: float):
+    """Per-token clipped surrogate (Schulman et al. 2017) with an asymmetric clip (DAPO).
+
+        l_t       = max(-A_t rho_t, -A_t clip(rho_t, 1 - clip_low, 1 + clip_high))
+        clipped_t = [ -A_t clip(rho_t) > -A_t rho_t ]          (the clip binds: no gradient)
+
+    Args:
+      ratio_bn: importance ratios rho (differentiated), any shape broadcasting with A.
+      advantages_bn: advantage estimates (constants).
+      clip_low, clip_high: the clip range [1 - clip_low, 1 + clip_high].
+
+    Returns:
+      (l_bn, clipped_bn) before any masking or averaging.
+    """
+    unclipped = -advantages_bn * ratio_bn
+    clipped = -advantages_bn * jnp.clip(ratio_bn, 1.0 - clip_low, 1.0 + clip_high)
+    return jnp.maximum(unclipped, clipped), (clipped > unclipped).astype(jnp.float32)
+
+
 def ppo_policy_loss(logp_bn, old_logp_bn, advantages_bn, mask_bn, *, clip_eps: float = 0.2):
     """Clipped surrogate objective (Schulman et al. 2017), as a loss.
 
@@ -38,16 +57,35 @@ def ppo_policy_loss(logp_bn, old_logp_bn, advantages_bn, mask_bn, *, clip_eps: f
     mask_bn = mask_bn.astype(jnp.float32)
     log_ratio = logp_bn - old_logp_bn
     ratio = jnp.exp(log_ratio)
-    unclipped = -advantages_bn * ratio
-    clipped = -advantages_bn * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(jnp.maximum(unclipped, clipped), mask_bn)
-    clip_fraction = masked_mean((clipped > unclipped).astype(jnp.float32), mask_bn)
+    loss_bn, clipped_bn = clipped_surrogate(
+        ratio, advantages_bn, clip_low=clip_eps, clip_high=clip_eps
+    )
+    loss = masked_mean(loss_bn, mask_bn)
+    clip_fraction = masked_mean(clipped_bn, mask_bn)
     approx_kl = masked_mean(jax.lax.stop_gradient(ratio - 1.0 - log_ratio), mask_bn)
     return loss, clip_fraction, approx_kl
 
 
+def value_loss_per_token(values_bn, old_values_bn, returns_bn, *, clip: float = 0.2):
+    """Per-token clipped value loss (PPO2 / InstructGPT), before masking or averaging.
+
+        V_clip = old_V + clip(V - old_V, -c, c)
+        l_t    = 0.5 * max((V - R)^2, (V_clip - R)^2)      (0.5 * (V - R)^2 when c <= 0)
+        clipped_t = [ (V_clip - R)^2 > (V - R)^2 ]
+
+    Returns:
+      (l_bn, clipped_bn).
+    """
+    err = jnp.square(values_bn - returns_bn)
+    if clip <= 0:
+        return 0.5 * err, jnp.zeros_like(err)
+    v_clip = old_values_bn + jnp.clip(values_bn - old_values_bn, -clip, clip)
+    err_clip = jnp.square(v_clip - returns_bn)
+    return 0.5 * jnp.maximum(err, err_clip), (err_clip > err).astype(jnp.float32)
+
+
 def value_loss(values_bn, old_values_bn, returns_bn, mask_bn, *, clip: float = 0.2):
-    """Clipped value loss (PPO2 / InstructGPT).
+    """Clipped value loss (PPO2 / InstructGPT), a token mean of `value_loss_per_token`.
 
         V_clip = old_V + clip(V - old_V, -c, c)
         L      = 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
@@ -66,14 +104,8 @@ def value_loss(values_bn, old_values_bn, returns_bn, mask_bn, *, clip: float = 0
       (loss, clip_fraction).
     """
     mask_bn = mask_bn.astype(jnp.float32)
-    err = jnp.square(values_bn - returns_bn)
-    if clip <= 0:
-        return 0.5 * masked_mean(err, mask_bn), jnp.zeros((), jnp.float32)
-    v_clip = old_values_bn + jnp.clip(values_bn - old_values_bn, -clip, clip)
-    err_clip = jnp.square(v_clip - returns_bn)
-    loss = 0.5 * masked_mean(jnp.maximum(err, err_clip), mask_bn)
-    clip_fraction = masked_mean((err_clip > err).astype(jnp.float32), mask_bn)
-    return loss, clip_fraction
+    l_bn, clipped_bn = value_loss_per_token(values_bn, old_values_bn, returns_bn, clip=clip)
+    return masked_mean(l_bn, mask_bn), masked_mean(clipped_bn, mask_bn)
 
 
 def entropy_from_logits(logits_btv):

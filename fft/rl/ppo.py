@@ -1,14 +1,16 @@
-"""The PPO learner (and GRPO as a switch of it) on top of the shared train loop.
+"""The policy-gradient learner (PPO, GRPO and every `fft.rl.registry` objective) on the loop.
 
 The shared loop pulls batches from `train_data` and applies one jitted `train_step` per batch.
 PPO fits that shape as an on-policy data source plus a loss:
 
     PPOBatches (train_data)                               make_loss_fn (loss of train_step)
-      every `epochs * minibatches` pulls:                   clipped policy loss (+ entropy bonus)
-        rollout with the *current* weights (rollout.py)     + vf_coef * clipped value loss (PPO)
-        rewards: score at the last token - beta * KL_t      + kl_coef * k3 KL to the reference
-        advantages: GAE + whitening (PPO) or                  (GRPO: the KL is in the loss)
-                    group-relative (GRPO, no critic)
+      every `epochs * minibatches` pulls:                   registered policy loss (- entropy)
+        rollout with the *current* weights (rollout.py)     + vf_coef * clipped value loss (critic)
+          (dynamic sampling: refilled with groups of        + kl_coef * k3 KL to the reference
+          unequal rewards; overlong shaping of scores)        (no critic: the KL is in the loss)
+        rewards: score at the last token - beta * KL_t      reduced by the loss's reducer
+        advantages: the registered estimator (GAE +
+                    whitening, or group-relative)
         KL controller update (Ziegler et al. 2019)
       otherwise: the next shuffled minibatch of it
 
@@ -21,6 +23,7 @@ resumed run continues with identical batches.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -32,10 +35,11 @@ from flax import nnx
 
 from fft.rl import advantages as adv_lib
 from fft.rl import kl as kl_lib
-from fft.rl import objectives
+from fft.rl import objectives, registry
 from fft.rl import rollout as rollout_lib
 
-# Fields of a learner minibatch beyond the four Batch fields, all [B, T] float32.
+# Fields of a learner minibatch beyond the four Batch fields: [B, T] float32, and
+# `rollout_mean_len` [B] (the rollout's mean response length, on every row: DAPO's reducer).
 PPO_FIELDS = ("old_logprobs", "ref_logprobs", "advantages", "returns", "values")
 
 
@@ -46,63 +50,84 @@ PPO_FIELDS = ("old_logprobs", "ref_logprobs", "advantages", "returns", "values")
 
 def make_loss_fn(
     *,
+    loss: str = "ppo_clip",
     clip_eps: float = 0.2,
+    clip_eps_high: float = 0.0,
     value_clip: float = 0.2,
     vf_coef: float = 0.1,
     ent_coef: float = 0.0,
     kl_loss_coef: float = 0.0,
     use_value: bool = True,
     temperature: float = 1.0,
+    max_len: int = 0,
 ):
-    """LossFn `(model, batch, rng) -> (loss, aux)` for PPO / GRPO minibatches.
+    """LossFn `(model, batch, rng) -> (loss, aux)` for PPO / GRPO-family minibatches.
 
-        loss = L_clip(logp, old_logp, A) - ent_coef * H
-               + vf_coef * L_V(V, old_V, R)              (use_value)
-               + kl_loss_coef * mean_t k3(logp, ref_logp)  (GRPO's in-loss KL)
+    Every term is per token, summed, then reduced by the registered loss's reducer
+    (`fft.rl.registry`), which also gives `aux['loss_weight']`:
+
+        loss = reduce( l_t(logp, old_logp, A)                   the registered policy loss
+                       - ent_coef * H_t
+                       + vf_coef * l^V_t(V, old_V, R)           (use_value)
+                       + kl_loss_coef * k3_t(logp, ref_logp) )  (in-loss KL, as TRL's GRPO)
 
     Args:
-      clip_eps: PPO ratio clip.
+      loss: a `registry.LOSSES` name.
+      clip_eps: lower ratio clip (and the upper one unless clip_eps_high / the loss sets it).
+      clip_eps_high: upper ratio clip (0 = the loss's default, see `registry.clip_range`).
       value_clip: value clip range (0 = unclipped value loss).
       vf_coef: weight of the value loss.
       ent_coef: weight of the entropy bonus.
       kl_loss_coef: weight of the KL-to-reference term in the loss.
-      use_value: train a value head (PPO) or not (GRPO).
+      use_value: train a value head (critic estimators) or not.
       temperature: the rollouts' sampling temperature; the policy's logits are divided by it,
         as they were for the old log-probs (`rollout.teacher_forced`), so the first update's
         ratio is exactly 1.
+      max_len: the response length limit N (the 'fixed_length' reducer divides by it).
     """
+    spec = registry.resolve("ppo", loss_name=loss)[1]
+    if spec.reduce == "fixed_length" and max_len <= 0:
+        raise ValueError(f"loss {loss!r} divides by a fixed length: pass max_len > 0")
+    clip_low, clip_high = registry.clip_range(spec, clip_eps, clip_eps_high)
 
     def loss_fn(model, batch, rng):
         del rng
         logits, logp, values = rollout_lib.policy_outputs(
             model, batch["tokens"], batch["positions"], batch["segment_ids"], temperature
         )
-        mask = batch["loss_mask"]
-        pg, clip_frac, approx_kl = objectives.ppo_policy_loss(
-            logp, batch["old_logprobs"], batch["advantages"], mask, clip_eps=clip_eps
-        )
-        entropy = adv_lib.masked_mean(
-            rollout_lib.shift_right(objectives.entropy_from_logits(logits)), mask
-        )
-        loss = pg - ent_coef * entropy
-        aux = {
-            # Every term is a mean over response tokens: grad accumulation weighs by their count.
-            "loss_weight": jnp.sum(mask.astype(jnp.float32)),
-            "policy_loss": pg,
-            "clip_frac": clip_frac,
-            "approx_kl": approx_kl,
-            "entropy": entropy,
-        }
+        mask = batch["loss_mask"].astype(jnp.float32)
+        ctx = registry.ReduceContext(max_len, batch.get("rollout_mean_len"))
+        entropy_bn = rollout_lib.shift_right(objectives.entropy_from_logits(logits))
+        extra_bn = -ent_coef * entropy_bn if ent_coef else jnp.zeros_like(logp)
+        aux = {"entropy": adv_lib.masked_mean(entropy_bn, mask)}
         if use_value:
-            v_loss, v_clip = objectives.value_loss(
-                values, batch["values"], batch["returns"], mask, clip=value_clip
+            v_bn, v_clip_bn = objectives.value_loss_per_token(
+                values, batch["values"], batch["returns"], clip=value_clip
             )
-            loss = loss + vf_coef * v_loss
-            aux.update(value_loss=v_loss, value_clip_frac=v_clip)
+            extra_bn = extra_bn + vf_coef * v_bn
+            aux.update(
+                value_loss=adv_lib.masked_mean(v_bn, mask),
+                value_clip_frac=adv_lib.masked_mean(v_clip_bn, mask),
+            )
         if kl_loss_coef:
-            kl = adv_lib.masked_mean(kl_lib.kl_k3(logp, batch["ref_logprobs"]), mask)
-            loss = loss + kl_loss_coef * kl
-            aux["kl_loss"] = kl
+            kl_bn = kl_lib.kl_k3(logp, batch["ref_logprobs"])
+            extra_bn = extra_bn + kl_loss_coef * kl_bn
+            aux["kl_loss"] = adv_lib.masked_mean(kl_bn, mask)
+        pg, weight, clip_frac = registry.policy_loss(
+            spec, logp, batch["old_logprobs"], batch["advantages"], mask, ctx,
+            clip_low=clip_low, clip_high=clip_high,
+        )  # fmt: skip
+        # Reducers are linear: reducing the other terms apart is reducing the per-token sum.
+        loss = pg + registry.reduce(spec, extra_bn, mask, ctx)[0]
+        log_ratio = jax.lax.stop_gradient(logp - batch["old_logprobs"])
+        aux.update(
+            # The reducer's count (tokens, or sequences for per-sequence normalisations): grad
+            # accumulation weighs each microbatch by it, so k microbatches = one big batch.
+            loss_weight=weight,
+            policy_loss=pg,
+            clip_frac=clip_frac,
+            approx_kl=adv_lib.masked_mean(jnp.exp(log_ratio) - 1.0 - log_ratio, mask),
+        )
         return loss, aux
 
     return loss_fn
@@ -113,71 +138,57 @@ def make_loss_fn(
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("kl_estimator", "gamma", "lam", "whiten", "group_size", "grpo_normalize"),
-)
-def _advantages(
-    logp,
-    ref,
-    values,
-    scores,
-    m,
-    kl_coef,
-    *,
-    kl_estimator,
-    gamma,
-    lam,
-    whiten,
-    group_size,
-    grpo_normalize,
-):
+@functools.partial(jax.jit, static_argnames=("kl_estimator", "advantage", "settings"))
+def _advantages(logp, ref, values, scores, m, kl_coef, *, kl_estimator, advantage, settings):
     """The numeric core of `prepare`, one compiled call (a rollout's shapes are fixed, so it
     compiles once): (advantages, returns, values, sequence KL), each masked to the response."""
-    values = values * m
-    if group_size > 1:
-        adv_b = adv_lib.group_relative(scores, group_size, normalize=grpo_normalize)
-        advantages, returns, values = adv_b[:, None] * m, jnp.zeros_like(m), jnp.zeros_like(m)
-    else:
-        kl_tok = kl_lib.kl_penalty(logp, ref, kl_estimator) * m
-        rewards = adv_lib.terminal_rewards(scores, m) - kl_coef * kl_tok
-        advantages, returns = adv_lib.gae(rewards, values, m, gamma=gamma, lam=lam)
-        if whiten:
-            advantages = adv_lib.whiten(advantages, m)
-    return advantages, returns, values, (kl_lib.kl_k1(logp, ref) * m).sum(1)
+    spec = registry.ADVANTAGES[advantage]
+    values = values * m if spec.critic else jnp.zeros_like(m)
+    # Critic estimators take the KL as a reward penalty; the others have it in the loss.
+    kl_tok = kl_lib.kl_penalty(logp, ref, kl_estimator) * m
+    rewards = adv_lib.terminal_rewards(scores, m) - (kl_coef * kl_tok if spec.critic else 0.0)
+    x = registry.AdvantageInputs(scores, rewards, values, m)
+    advantages, returns = spec.fn(x, settings)
+    return advantages * m, returns * m, values, (kl_lib.kl_k1(logp, ref) * m).sum(1)
 
 
 def prepare(
     ro: rollout_lib.Rollout,
     *,
     kl_coef: float,
+    advantage: str = "gae",
     kl_estimator: str = "k1",
     gamma: float = 1.0,
     lam: float = 0.95,
     whiten: bool = True,
-    group_size: int = 0,
-    grpo_normalize: bool = True,
+    group_size: int = 1,
 ) -> tuple[dict, dict]:
     """Rewards, advantages and returns of a rollout, as a `[B, T]` learner batch.
 
-    PPO (group_size 0):  r_t = s * [t last] - beta * kl_t;  (A, R) = GAE(r, V);  A whitened.
-    GRPO (group_size G): A_t = group_relative(s)  for every response token; no values.
+    PPO ('gae'):  r_t = s * [t last] - beta * kl_t;  (A, R) = GAE(r, V);  A whitened.
+    Group estimators ('grpo', 'dr_grpo', 'rloo'): one advantage per sequence, on each of its
+    tokens, from the G scores of its prompt; no values. See `fft.rl.registry`.
 
     Args:
       ro: the rollout.
-      kl_coef: beta (the controller's current value); PPO only.
+      kl_coef: beta (the controller's current value); critic estimators only.
+      advantage: a `registry.ADVANTAGES` name.
       kl_estimator: per-token KL estimator of the penalty ('k1' | 'k2' | 'k3').
       gamma, lam: GAE discount and lambda.
-      whiten: whiten PPO advantages over the batch's response tokens.
-      group_size: G > 1 switches to GRPO (rows of one prompt are adjacent).
-      grpo_normalize: divide group-relative advantages by the group std.
+      whiten: whiten GAE advantages over the batch's response tokens.
+      group_size: G, samples per prompt (rows of one prompt adjacent).
 
     Returns:
-      (batch with the Batch fields + PPO_FIELDS as numpy, stats of scalar floats).
+      (batch with the Batch fields + PPO_FIELDS + rollout_mean_len as numpy, scalar stats).
     """
+    spec = registry.ADVANTAGES[advantage]
+    if spec.group and group_size < 2:
+        raise ValueError(f"advantage {advantage!r} compares samples: group_size must be >= 2")
     p = ro.prompt_len
     m = jnp.asarray(ro.batch["loss_mask"][:, p:], jnp.float32)
     logp, ref = jnp.asarray(ro.logp[:, p:]), jnp.asarray(ro.ref_logp[:, p:])
+    settings = registry.AdvantageSettings(group_size=max(group_size, 1), gamma=gamma, lam=lam,
+                                          whiten=whiten)  # fmt: skip
     advantages, returns, values, seq_kl = _advantages(
         logp,
         ref,
@@ -186,16 +197,14 @@ def prepare(
         m,
         jnp.float32(kl_coef),
         kl_estimator=kl_estimator,
-        gamma=gamma,
-        lam=lam,
-        whiten=whiten,
-        group_size=group_size,
-        grpo_normalize=grpo_normalize,
+        advantage=advantage,
+        settings=settings,
     )
 
     def full(x_bn):  # [B, N] response view -> [B, P+N] token-aligned
         return np.pad(np.asarray(x_bn, np.float32), ((0, 0), (p, 0)))
 
+    lengths = np.asarray(m).sum(1)
     batch = dict(ro.batch)
     batch.update(
         old_logprobs=np.asarray(ro.logp, np.float32) * ro.batch["loss_mask"],
@@ -203,9 +212,9 @@ def prepare(
         advantages=full(advantages),
         returns=full(returns),
         values=full(values),
+        rollout_mean_len=np.full(len(lengths), lengths.mean(), np.float32),
     )
     seq_kl = np.asarray(seq_kl)
-    lengths = np.asarray(m).sum(1)
     stats = {
         "reward": float(np.mean(ro.scores)),
         "kl": float(seq_kl.mean()),
@@ -235,8 +244,15 @@ class PPOBatches:
       epochs: passes over each rollout.
       controller: a KL controller (its value is beta).
       seed: seeds sampling and minibatch shuffling (with the iteration number).
-      group_size: samples per prompt (GRPO when > 1).
-      prepare_kwargs: passed to `prepare`.
+      group_size: samples per prompt (group estimators need > 1).
+      prepare_kwargs: passed to `prepare` (the advantage estimator among them).
+      dynamic_sampling: DAPO's dynamic sampling: drop groups whose scores are all equal (zero
+        advantage, no gradient) and refill the rollout from more prompts.
+      max_sampling_rounds: at most this many prompt batches per rollout; if still short, the
+        rollout is completed with dropped groups (the `filled_groups` metric counts them).
+      overlong_buffer: DAPO's overlong shaping: a penalty over the last this many tokens before
+        the length limit (0 = off; see `advantages.overlong_penalty`).
+      overlong_penalty: the penalty at the limit.
     """
 
     def __init__(
@@ -250,12 +266,20 @@ class PPOBatches:
         seed: int = 0,
         group_size: int = 1,
         prepare_kwargs: dict | None = None,
+        dynamic_sampling: bool = False,
+        max_sampling_rounds: int = 4,
+        overlong_buffer: int = 0,
+        overlong_penalty: float = 1.0,
     ):
         self.prompts, self.collect_fn = prompts, collect_fn
         self.minibatch_size, self.epochs = int(minibatch_size), int(epochs)
         self.controller, self.seed = controller, int(seed)
         self.group_size = max(int(group_size), 1)
         self.prepare_kwargs = dict(prepare_kwargs or {})
+        if dynamic_sampling and self.group_size < 2:
+            raise ValueError("dynamic sampling drops groups of equal scores: needs group_size >= 2")
+        self.dynamic_sampling, self.max_sampling_rounds = dynamic_sampling, int(max_sampling_rounds)
+        self.overlong_buffer, self.overlong_penalty = int(overlong_buffer), float(overlong_penalty)
         self.rollout_batch = prompts.batch_size * self.group_size
         if self.rollout_batch % self.minibatch_size:
             raise ValueError(
@@ -300,20 +324,64 @@ class PPOBatches:
             out += list(perm.reshape(-1, self.minibatch_size))
         return out
 
+    def _shaped(self, ro: rollout_lib.Rollout) -> tuple[rollout_lib.Rollout, float]:
+        """The rollout with overlong shaping added to its scores, and the mean penalty."""
+        if not self.overlong_buffer:
+            return ro, 0.0
+        lengths = ro.batch["loss_mask"][:, ro.prompt_len :].sum(1)
+        max_len = ro.batch["tokens"].shape[1] - ro.prompt_len
+        pen = adv_lib.overlong_penalty(
+            lengths, max_len, self.overlong_buffer, self.overlong_penalty
+        )
+        return dataclasses.replace(ro, scores=ro.scores + pen), float(np.mean(pen))
+
+    def _sample(self) -> tuple[rollout_lib.Rollout, dict]:
+        """One rollout of `rollout_batch` rows (dynamic sampling: of informative groups)."""
+        key = jax.random.fold_in(jax.random.key(self.seed), self.iteration)
+        g, n_groups = self.group_size, self.rollout_batch // self.group_size
+        parts, keep, spare, stats = [], [], [], {}
+        penalties, dropped, rounds = [], 0, 0
+        while True:
+            records = next(self.prompts)
+            if g > 1:
+                records = [r for r in records for _ in range(g)]
+            # Round 0 keeps the plain run's key: turning the switch on changes nothing else.
+            rng = key if rounds == 0 else jax.random.fold_in(key, rounds)
+            ro, pen = self._shaped(self.collect_fn(self._policy(), records, rng))
+            penalties.append(pen)
+            rounds += 1
+            if not self.dynamic_sampling:
+                break
+            offset = sum(len(p.records) for p in parts)
+            parts.append(ro)
+            informative = adv_lib.informative_groups(ro.scores, g)
+            dropped += int((~informative).sum())
+            keep += [offset + i * g for i in np.flatnonzero(informative)]
+            spare += [offset + i * g for i in np.flatnonzero(~informative)]
+            if len(keep) >= n_groups or rounds >= self.max_sampling_rounds:
+                filled = max(n_groups - len(keep), 0)
+                starts = (keep + spare)[:n_groups]
+                rows = [s + j for s in starts for j in range(g)]
+                ro = rollout_lib.take(rollout_lib.concat(parts), rows)
+                stats = {
+                    "dropped_groups": float(dropped),
+                    "filled_groups": float(filled),
+                    "sampling_rounds": float(rounds),
+                }
+                break
+        if self.overlong_buffer:
+            stats["overlong_penalty"] = float(np.mean(penalties))
+        return ro, stats
+
     def _new_rollout(self) -> None:
         now = time.time()
         update_s = now - self._update_t0 if self._update_t0 is not None else 0.0
-        records = next(self.prompts)
-        if self.group_size > 1:
-            records = [r for r in records for _ in range(self.group_size)]
-        rng = jax.random.fold_in(jax.random.key(self.seed), self.iteration)
-        ro = self.collect_fn(self._policy(), records, rng)
-        group = self.group_size if self.group_size > 1 else 0
+        ro, sampling_stats = self._sample()
         batch, stats = prepare(
-            ro, kl_coef=self.controller.value, group_size=group, **self.prepare_kwargs
+            ro, kl_coef=self.controller.value, group_size=self.group_size, **self.prepare_kwargs
         )
         self.controller.update(stats["kl"], self.rollout_batch)
-        stats["update_s"] = update_s
+        stats.update(sampling_stats, update_s=update_s)
         self.stats, self.buffer, self.pos = stats, batch, 0
         self._update_t0 = time.time()
 

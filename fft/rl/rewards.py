@@ -1,6 +1,15 @@
-"""Rewards for RL: a reward model (scalar head on a decoder) and programmatic judges.
+"""Rewards for RL: a reward model (scalar head on a decoder) and rewards as code.
 
-A reward function scores finished sequences:
+Rewards as code (`--config.rlhf.reward=python:package.module:function`) are plain functions run
+on the host:
+
+    function(prompts: list[str], completions: list[str], metadata: list[dict]) -> list[float]
+
+`metadata[i]` is the prompt record sample i answers (its exact `output` or `answer`, its task).
+`code_reward_fn` makes one the learner's RewardFn and turns any failure into one error naming
+the prompt index. Built-in ones: `fft.rl.tasks` (the synthetic judge, sentiment, arithmetic).
+
+Inside the learner, a reward function scores finished sequences:
 
     reward_fn(records, sequences, response_texts) -> scores [B] float32 (numpy)
 
@@ -11,7 +20,9 @@ reward model reads them), `response_texts` the decoded responses without the sto
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -20,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from fft import pretrained
-from fft.config_lib import FFTError
+from fft.config_lib import ConfigError, FFTError
+from fft.data.synthetic import World
 from fft.models.config import ModelConfig
 from fft.models.heads import ScalarHead
 from fft.models.transformer import Transformer
@@ -108,18 +120,87 @@ def reward_model_fn(model: nnx.Module) -> RewardFn:
 
 
 # ---------------------------------------------------------------------------------------------
-# Programmatic judges
+# Rewards as code
 # ---------------------------------------------------------------------------------------------
 
+PYTHON_PREFIX = "python:"
+CodeReward = Callable[[list[str], list[str], list[dict]], Sequence[float]]
 
-def judge_fn(judge: Callable[[dict, str], float]) -> RewardFn:
-    """A RewardFn from `judge(record, response_text) -> float` (e.g. the synthetic world's)."""
 
-    def fn(records, sequences, texts):
-        del sequences
-        return np.asarray([judge(r, t) for r, t in zip(records, texts, strict=True)], np.float32)
+class RewardError(FFTError):
+    """A reward function failed or returned something other than one finite float per prompt."""
 
+
+def load_code_reward(spec: str) -> CodeReward:
+    """The function `spec` = 'python:package.module:function' names.
+
+    Raises:
+      ConfigError: malformed spec, module not importable, or no such callable.
+    """
+    if not spec.startswith(PYTHON_PREFIX) or spec.count(":") != 2:
+        raise ConfigError(f"reward {spec!r}: write it as 'python:package.module:function'.")
+    _, module_name, fn_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"reward {spec!r}: cannot import {module_name!r} ({e}).") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ConfigError(f"reward {spec!r}: {module_name} has no function {fn_name!r}.")
     return fn
+
+
+def prompt_text(record: dict) -> str:
+    """The prompt a record asks, as text: its 'prompt', the instruction prompt, or the last
+    user message."""
+    if isinstance(record.get("prompt"), str):
+        return record["prompt"]
+    if "instruction" in record:
+        return World.prompt_text({"input": "", **record})
+    users = [m["content"] for m in record.get("messages", ()) if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def call_code_reward(fn: CodeReward, name: str, prompts, completions, metadata) -> np.ndarray:
+    """`fn(prompts, completions, metadata)` as float32 `[B]`; any fault is one RewardError.
+
+    When the batch call raises, the samples are retried one at a time to name the first prompt
+    index that fails (the function's own traceback is not shown: the message carries it).
+    """
+    n = len(completions)
+    try:
+        out = fn(list(prompts), list(completions), list(metadata))
+    except Exception as batch_error:  # noqa: BLE001 - any user-code fault becomes one error
+        where, err = "the batch", batch_error
+        for i in range(n):
+            try:
+                fn([prompts[i]], [completions[i]], [metadata[i]])
+            except Exception as e:  # noqa: BLE001
+                where, err = f"prompt {i}", e
+                break
+        raise RewardError(f"reward {name}: {where}: {type(err).__name__}: {err}") from None
+    try:
+        values = [float(v) for v in out]
+    except (TypeError, ValueError) as e:
+        raise RewardError(f"reward {name}: must return a list of floats ({e}).") from None
+    if len(values) != n:
+        raise RewardError(f"reward {name}: returned {len(values)} values for {n} prompts.")
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise RewardError(f"reward {name}: prompt {i}: the reward is {v} (not finite).")
+    return np.asarray(values, np.float32)
+
+
+def code_reward_fn(spec: str) -> RewardFn:
+    """The learner's RewardFn of the code reward `spec` ('python:package.module:function')."""
+    fn = load_code_reward(spec)
+
+    def reward(records, sequences, texts):
+        del sequences
+        prompts = [prompt_text(r) for r in records]
+        return call_code_reward(fn, spec, prompts, texts, records)
+
+    return reward
 
 
 def decode_responses(tokenizer, response_bn, mask_bn, stop_tokens=()) -> list[str]:

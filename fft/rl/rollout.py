@@ -271,3 +271,43 @@ def collect(
         prompt_len=prompt_len,
         seconds=time.time() - t0,
     )
+
+
+def take(ro: Rollout, rows) -> Rollout:
+    """The rollout restricted to `rows` (in that order)."""
+    rows = np.asarray(rows, np.int64)
+    opt = None if ro.true_scores is None else ro.true_scores[rows]
+    return dataclasses.replace(
+        ro,
+        records=[ro.records[i] for i in rows],
+        texts=[ro.texts[i] for i in rows],
+        batch={k: v[rows] for k, v in ro.batch.items()},
+        logp=ro.logp[rows],
+        ref_logp=ro.ref_logp[rows],
+        values=ro.values[rows],
+        sample_logp=ro.sample_logp[rows],
+        scores=ro.scores[rows],
+        true_scores=opt,
+    )
+
+
+def concat(rollouts: Sequence[Rollout]) -> Rollout:
+    """Rollouts of one prompt length stacked row-wise (seconds add up)."""
+    first = rollouts[0]
+    if len(rollouts) == 1:
+        return first
+    arrays = ("logp", "ref_logp", "values", "sample_logp", "scores")
+
+    def cat(xs):
+        return np.concatenate(xs, axis=0)
+
+    true = None if first.true_scores is None else cat([r.true_scores for r in rollouts])
+    return dataclasses.replace(
+        first,
+        records=[x for r in rollouts for x in r.records],
+        texts=[x for r in rollouts for x in r.texts],
+        batch={k: cat([r.batch[k] for r in rollouts]) for k in first.batch},
+        true_scores=true,
+        seconds=sum(r.seconds for r in rollouts),
+        **{a: cat([getattr(r, a) for r in rollouts]) for a in arrays},
+    )

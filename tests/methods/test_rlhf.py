@@ -73,3 +73,16 @@ def test_grpo_smoke(tmp_path):
 def test_unknown_prompt_set_is_a_config_error(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="config.rlhf.prompts='movies'"):
         main.run(_config("smoke", **{"rlhf.prompts": "movies"}), str(tmp_path))
+
+
+def test_dapo_smoke_with_dynamic_sampling_and_overlong_shaping(tmp_path):
+    # The arithmetic task and its reward as code; the micro model answers nothing right, so
+    # most groups score alike: dropped, then filled back after max_sampling_rounds.
+    overrides = {"rlhf.algo": "dapo", "rlhf.prompts": "arithmetic", "rlhf.dynamic_sampling": True,
+                 "rlhf.max_sampling_rounds": 2, "rlhf.overlong_buffer": 4}  # fmt: skip
+    results = main.run(_config("smoke", **overrides), str(tmp_path))
+    assert results["steps"] == 4
+    assert {"true_reward", "reward", "kl"} <= set(results["after"])
+    line = _train_lines(str(tmp_path))[-1]
+    assert {"dropped_groups", "filled_groups", "overlong_penalty", "kl_loss"} <= set(line)
+    assert "value_loss" not in line and line["sampling_rounds"] <= 2

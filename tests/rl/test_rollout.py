@@ -120,7 +120,7 @@ def test_prepare_ppo_and_grpo_shapes():
         assert (batch[k] * (1 - ro.batch["loss_mask"]) == 0).all()  # nothing off the response
     seq_kl = (np.asarray(kl_lib.kl_k1(ro.logp, ro.ref_logp)) * ro.batch["loss_mask"]).sum(1)
     np.testing.assert_allclose(stats["kl"], seq_kl.mean(), rtol=1e-5)
-    batch, _ = ppo.prepare(ro, kl_coef=0.1, group_size=4)
+    batch, _ = ppo.prepare(ro, kl_coef=0.1, advantage="grpo", group_size=4)
     adv = batch["advantages"]
     m = ro.batch["loss_mask"]
     # GRPO: one advantage per sequence, on every response token; groups of 4 sum to ~0.

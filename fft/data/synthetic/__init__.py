@@ -10,6 +10,7 @@
   preference_data     candidates ranked by a programmatic judge, with noise (preferences.py)
   pairwise_data       chosen / rejected pairs from the same judge
   reviews             sentiment classification with a held-out sentiment lexicon (reviews.py)
+  arithmetic_problems multi-step word problems with one integer answer (arithmetic.py)
 
 Every part draws from its own stream seeded by (seed, part name, split), so outputs are identical
 across runs and machines, and train / test items are disjoint by construction. Records are plain
@@ -26,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+from .arithmetic import Arithmetic
 from .domains import DOMAINS, Domains
 from .facts import Facts
 from .grammar import Grammar
@@ -66,6 +68,7 @@ class World:
         self._instructions = Instructions(self._grammar, seed)
         self._preferences = Preferences(self._instructions, seed)
         self._reviews = Reviews(self._grammar, seed)
+        self._arithmetic = Arithmetic(self.lexicon, seed)  # reads the lexicon, adds no words
         self.n_eras = self._facts.n_eras
 
     def __repr__(self) -> str:
@@ -193,3 +196,10 @@ class World:
     def train_sentiment_words(self) -> dict[str, list[str]]:
         """`{polarity: words}` used by training reviews."""
         return {k: list(v) for k, v in self._reviews.train_words.items()}
+
+    # -- arithmetic word problems --------------------------------------------------------------
+
+    def arithmetic_problems(self, split: str, n: int) -> list[dict]:
+        """Word problems `{instruction, input, output, answer, task}` with an integer `answer`
+        (a verifiable RL task: see arithmetic.py for the answer-extraction rule)."""
+        return self._arithmetic.data(split, n)
