@@ -211,11 +211,16 @@ def generate_tokens(
     """
     graphdef, state = nnx.split(model)
     rng = jax.random.key(0) if rng is None else rng
+    # Prompts go where the model is: sharded over its mesh's batch axes when it has one (the
+    # outputs then may span processes: read them with fft.sharding.to_host).
+    prompt_bp, mask_bp = sharding.put_like(
+        (np.asarray(prompt_tokens_bp, np.int32), np.asarray(prompt_mask_bp, np.int32)), state
+    )
     return _generate(
         graphdef,
         state,
-        jnp.asarray(prompt_tokens_bp, jnp.int32),
-        jnp.asarray(prompt_mask_bp, jnp.int32),
+        prompt_bp,
+        mask_bp,
         rng,
         jnp.asarray(max(float(temperature), 1e-6), jnp.float32),
         jnp.asarray(top_p, jnp.float32),
@@ -267,7 +272,7 @@ def generate(
         stop_tokens=stops,
         rng=jax.random.key(seed),
     )
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    tokens, lengths = sharding.to_host((out.tokens, out.lengths))
     texts = []
     for row, n in zip(tokens, lengths, strict=True):
         row = [int(t) for t in row[:n]]

@@ -466,3 +466,68 @@ def put_batch(batch_np: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
         sharding = batch_sharding(mesh, value.ndim)
         out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Host data in and out of computations that span processes (evals, generation, rollouts)
+# ---------------------------------------------------------------------------------------------
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh of the first array of `tree` placed on a multi-device `NamedSharding`, or None.
+
+    Evals and rollouts place their inputs where the model lives: a model sharded over a mesh
+    (the train state inside the loop) gets inputs sharded over the same mesh; a model on one
+    device (a reference built outside the loop, a test's model) gets plain arrays, as before.
+    """
+    for leaf in jax.tree.leaves(tree):
+        s = getattr(leaf, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh.size > 1:
+            return s.mesh
+    return None
+
+
+def put_like(tree_np, like) -> Any:
+    """Places host arrays that every process holds in full for a computation with `like`.
+
+    Args:
+      tree_np: pytree of numpy arrays, the same values on every process (eval batches, prompts).
+      like: the model (or its state) the arrays will meet inside a jitted function.
+
+    Returns:
+      With `like` on a multi-device mesh: global arrays on that mesh, the leading (batch) dim
+      split over `('data', 'fsdp')` where it divides, else replicated. Otherwise `jnp` arrays
+      (uncommitted, as `jnp.asarray` gives).
+    """
+    mesh = mesh_of(like)
+    if mesh is None:
+        return jax.tree.map(jax.numpy.asarray, tree_np)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def put(x):
+        x = np.asarray(x)
+        spec = PartitionSpec()
+        if x.ndim and x.shape[0] % shards == 0:
+            spec = PartitionSpec(("data", "fsdp"), *([None] * (x.ndim - 1)))
+        s = NamedSharding(mesh, spec)
+        # Every process holds the whole array: each hands over the slices of its own devices.
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    return jax.tree.map(put, tree_np)
+
+
+def to_host(tree) -> Any:
+    """numpy copies of the arrays of `tree`, also of arrays that span several processes.
+
+    A sharded output of a computation over a multi-process mesh holds rows on other hosts:
+    `np.asarray` on it fails. Those are gathered (`process_allgather`, a collective, so every
+    process must call this in the same order); local and replicated arrays are copied as is.
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)

@@ -63,6 +63,8 @@ def resolve(source: str | os.PathLike, *, what: str | None = None) -> str:
             + ", ".join(f"fft:{n}" for n in config_lib.known_models())
         )
     target = os.path.join(cache_dir(), f"{name}-{RECIPE_VERSION}")
+    if _process_count() > 1:
+        return _build_together(name, target)
     if os.path.exists(os.path.join(target, "results.json")):
         return target
     os.makedirs(cache_dir(), exist_ok=True)
@@ -71,21 +73,71 @@ def resolve(source: str | os.PathLike, *, what: str | None = None) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.exists(os.path.join(target, "results.json")):
             return target
-        # An interrupted build left its checkpoints here: the loop resumes it, and since the
-        # recipe is deterministic the result equals an uninterrupted build.
-        # The folder is named by a hash of the recipe, so a build of another recipe is never
-        # resumed from it.
-        recipe = _recipe(name).to_json(sort_keys=True)
-        tmp = f"{target}.building-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
-        logging.info("Building fft:%s into %s (first use; cached afterwards).", name, target)
-        print(f"fft: building base model fft:{name} (first use, cached in {target}) ...")
-        results = _build(name, tmp)
-        if results.get("preempted"):
-            raise config_lib.FFTError(
-                f"building fft:{name} was interrupted at step {results['steps']}; its progress "
-                f"is kept in {tmp} and the next run that uses fft:{name} resumes it."
-            )
+        tmp = _build_into_tmp(name, target)
         os.replace(tmp, target)
+    return target
+
+
+def _build_into_tmp(name: str, target: str) -> str:
+    """Builds `fft:<name>` into a temporary folder beside `target`; returns that folder.
+
+    An interrupted build left its checkpoints there: the loop resumes it, and since the recipe
+    is deterministic the result equals an uninterrupted build. The folder is named by a hash of
+    the recipe, so a build of another recipe is never resumed from it.
+    """
+    recipe = _recipe(name).to_json(sort_keys=True)
+    tmp = f"{target}.building-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
+    logging.info("Building fft:%s into %s (first use; cached afterwards).", name, target)
+    print(f"fft: building base model fft:{name} (first use, cached in {target}) ...", flush=True)
+    results = _build(name, tmp)
+    if results.get("preempted"):
+        raise config_lib.FFTError(
+            f"building fft:{name} was interrupted at step {results['steps']}; its progress "
+            f"is kept in {tmp} and the next run that uses fft:{name} resumes it."
+        )
+    return tmp
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def _build_together(name: str, target: str) -> str:
+    """`resolve` in a run of several processes: every process takes part in one build.
+
+    The build is a training run, and in a multi-process runtime a training run is a
+    collective over every process's devices: a build by process 0 alone would wait for the
+    others in its first collective while they wait on its file lock (the gloo key-value
+    timeout this replaces). So process 0 decides, under the cache's file lock (which still
+    keeps out other runs building the same model), whether the model must be built; all
+    processes then run the build together into the same temporary folder (the cache must be on
+    storage every process sees, like the workdir), process 0 renames it into place, and a
+    barrier holds the others until it has. With packing, a model built by N processes packs
+    its rows per process, so its weights differ (slightly) from a 1-process build.
+    """
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    lock = None
+    ready = True
+    try:
+        if jax.process_index() == 0:
+            os.makedirs(cache_dir(), exist_ok=True)
+            lock = open(os.path.join(cache_dir(), f".{name}.lock"), "w")  # noqa: SIM115
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            ready = os.path.exists(os.path.join(target, "results.json"))
+        ready = bool(multihost_utils.broadcast_one_to_all(np.int32(ready)))
+        if not ready:
+            tmp = _build_into_tmp(name, target)
+            if jax.process_index() == 0:
+                os.replace(tmp, target)
+        multihost_utils.sync_global_devices(f"fft.zoo.resolve:{name}")
+    finally:
+        if lock is not None:
+            lock.close()
     return target
 
 

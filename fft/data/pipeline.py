@@ -49,25 +49,35 @@ def make_encoder(fmt: str, tokenizer, *, max_len: int, **kwargs) -> Callable[[di
 
 
 class _IndexStream:
-    """A random-access source in shuffled order: this host's shard, reshuffled every epoch.
+    """A random-access source in shuffled order: this host's blocks of one global order.
 
-    The epoch order is a numpy permutation seeded by (seed, epoch), cached for the current epoch;
-    beyond _GRAIN_SHUFFLE_MIN records, grain's O(1)-memory index shuffle is used instead (it is
-    slow per index for small datasets, fast for big ones).
+    Every host computes the same global order (a permutation of all records per epoch, seeded
+    by (seed, epoch); beyond _GRAIN_SHUFFLE_MIN records grain's O(1)-memory index shuffle, which
+    is slow per index for small datasets, fast for big ones). Host `i` of `P` reads it in blocks
+    of `block` records: its k-th record is global position `(k // block) * block * P + i * block
+    + k % block`. With `block` = the rows each host puts in a batch and one record per row, the
+    global batch at step s is positions `[s*B, (s+1)*B)` whatever the number of hosts, so 1 and
+    N hosts train on the same rows; in every case no two hosts read the same position.
     """
 
-    def __init__(self, source, *, seed, shuffle, num_epochs, shard_index, shard_count):
+    def __init__(self, source, *, seed, shuffle, num_epochs, shard_index, shard_count, block=1):
         import grain
 
         self.source, self.num_epochs, self.seed, self.shuffle = source, num_epochs, seed, shuffle
-        self._order = grain.MapDataset.range(len(source))[shard_index::shard_count]
+        self.shard_index, self.shard_count, self.block = shard_index, shard_count, max(block, 1)
+        self._order = grain.MapDataset.range(len(source))
         self._n = len(self._order)
         self._grain_shuffle = shuffle and self._n >= _GRAIN_SHUFFLE_MIN
         if self._grain_shuffle:
             # ShuffleMapDataset maps index i to epoch i // n with seed + epoch: new order per epoch.
             self._order = self._order.shuffle(seed=seed % 2**32)
         self._perm_epoch, self._perm = -1, None
-        self._pos = 0
+        self._pos = 0  # records this host has read (its own positions)
+
+    def _global(self, pos: int) -> int:
+        """The global position of this host's `pos`-th record (see the class docstring)."""
+        blocks, within = divmod(pos, self.block)
+        return (blocks * self.shard_count + self.shard_index) * self.block + within
 
     def _index(self, pos: int) -> int:
         if self._grain_shuffle:
@@ -81,9 +91,10 @@ class _IndexStream:
         return int(self._order[int(self._perm[i])])
 
     def next_record(self):
-        if self._n == 0 or (self.num_epochs is not None and self._pos >= self.num_epochs * self._n):
+        position = self._global(self._pos)
+        if self._n == 0 or (self.num_epochs is not None and position >= self.num_epochs * self._n):
             raise StopIteration
-        index = self._index(self._pos)
+        index = self._index(position)
         self._pos += 1
         return self.source[index], functools.partial(self._origin, index)
 
@@ -103,15 +114,18 @@ class _IndexStream:
 
 
 class _ShardedStream:
-    """A ShardStream, of which this host takes every shard_count-th record of each shard."""
+    """A ShardStream, of which this host takes its blocks of `block` records of each shard
+    (block `j` of a shard goes to host `j % shard_count`, as `_IndexStream` does globally)."""
 
-    def __init__(self, stream: ShardStream, *, shard_index, shard_count):
+    def __init__(self, stream: ShardStream, *, shard_index, shard_count, block=1):
         self.stream, self.shard_index, self.shard_count = stream, shard_index, shard_count
+        self.block = max(block, 1)
 
     def next_record(self):
         while True:
             record, where = self.stream.next_record()
-            if (self.stream.get_state()["record"] - 1) % self.shard_count == self.shard_index:
+            position = self.stream.get_state()["record"] - 1
+            if (position // self.block) % self.shard_count == self.shard_index:
                 return record, lambda where=where: where
 
     def get_state(self):
@@ -378,11 +392,11 @@ def _host_shard(shard_index, shard_count):
     return shard_index, shard_count
 
 
-def _as_stream(source, i, *, seed, shuffle, num_epochs, shard, on_bad_record):
+def _as_stream(source, i, *, seed, shuffle, num_epochs, shard, block, on_bad_record):
     if isinstance(source, str) and source.startswith("stream:"):
         source = ShardStream(source[len("stream:") :], on_bad_record=on_bad_record)
     if isinstance(source, ShardStream):  # streaming: in order, never shuffled or repeated
-        return _ShardedStream(source, shard_index=shard[0], shard_count=shard[1])
+        return _ShardedStream(source, shard_index=shard[0], shard_count=shard[1], block=block)
     source = open_source(source, on_bad_record=on_bad_record)
     return _IndexStream(
         source,
@@ -391,7 +405,24 @@ def _as_stream(source, i, *, seed, shuffle, num_epochs, shard, on_bad_record):
         num_epochs=num_epochs,
         shard_index=shard[0],
         shard_count=shard[1],
+        block=block,
     )
+
+
+def rows_per_process(batch_size: int, process_count: int) -> int:
+    """The rows each of `process_count` processes reads of a global batch of `batch_size`.
+
+    Raises:
+      FFTError: when the global batch does not divide over the processes.
+    """
+    if batch_size <= 0 or batch_size % process_count:
+        fits = max(-(-batch_size // process_count), 1) * process_count
+        raise FFTError(
+            f"config.batch_size={batch_size} is the global batch and must divide over the "
+            f"{process_count} processes (each reads batch_size / {process_count} rows of it): "
+            f"use e.g. --config.batch_size={fits}."
+        )
+    return batch_size // process_count
 
 
 def _build(
@@ -405,6 +436,7 @@ def _build(
     shard_index,
     shard_count,
     on_bad_record,
+    batch_size,
     **kwargs,
 ):
     many = isinstance(sources, list | tuple)
@@ -414,6 +446,9 @@ def _build(
     if len(weights) != len(sources) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise FFTError(f"mixture weights {list(weights)} do not fit {len(sources)} sources")
     shard = _host_shard(shard_index, shard_count)
+    # batch_size is the global batch: this host reads its rows of it, in blocks of that many
+    # records of the global order (see _IndexStream).
+    rows = rows_per_process(batch_size, shard[1])
     streams = [
         _as_stream(
             s,
@@ -422,13 +457,15 @@ def _build(
             shuffle=shuffle,
             num_epochs=num_epochs,
             shard=shard,
+            block=rows,
             on_bad_record=on_bad_record,
         )
         for i, s in enumerate(sources)
     ]
     return DataIterator(
-        _Mixture(streams, weights), encode_fn, on_bad_record=on_bad_record, **kwargs
-    )
+        _Mixture(streams, weights), encode_fn, on_bad_record=on_bad_record, batch_size=rows,
+        **kwargs,
+    )  # fmt: skip
 
 
 def make_train_iterator(
@@ -456,7 +493,12 @@ def make_train_iterator(
       encode_fn: record -> example dict (see formats.encode_record), list of them, or None (drop).
         `make_encoder(fmt, tokenizer, max_len=seq_len)` builds one.
       seq_len: T of every row.
-      batch_size: rows per batch yielded by THIS process (the global batch / process count).
+      batch_size: the GLOBAL batch (config.batch_size). This process yields batch_size /
+        shard_count rows (an FFTError when that does not divide): its blocks of that many
+        records of one global order, so with one example per row (packing=False) the global
+        batch at step s holds the same records whatever the number of processes. With packing
+        each process packs its own records, so which records share a global batch (and its
+        token count) depends on the number of processes; every record is still read once.
       packing: pack several examples per row (segment ids); False: one example per row (required
         for preference/ranking/classification).
       shuffle: reshuffle random-access sources every epoch (grain index shuffle).
@@ -492,7 +534,15 @@ def make_eval_batches(
     on_bad_record: str = "error",
 ) -> list[dict[str, np.ndarray]]:
     """Every example of `sources` once, in order, as a list of Batches (the last one padded with
-    empty rows: segment_ids 0, loss_mask 0, so it adds nothing to sums)."""
+    empty rows: segment_ids 0, loss_mask 0, so it adds nothing to sums).
+
+    Evals are global computations: by default every process builds the same batches of the
+    whole source (`batch_size` rows each), so every process runs the same number of eval
+    steps and computes the same numbers. Give shard_index / shard_count to read a shard
+    instead (then `batch_size` is divided over shard_count, as for training).
+    """
+    if shard_index is None and shard_count is None:
+        shard_index, shard_count = 0, 1
     it = _build(
         sources, encode_fn, weights=None, seed=0, shuffle=False, num_epochs=1,
         shard_index=shard_index, shard_count=shard_count, on_bad_record=on_bad_record,

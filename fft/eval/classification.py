@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from fft import sharding
 
 TASKS = ("classification", "multilabel", "regression")
 
@@ -87,13 +87,11 @@ def predict(model, batches: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
     outs, labels = [], []
     for batch in batches:
         real = np.asarray(batch["segment_ids"]).sum(axis=1) > 0
-        out = _forward(
-            model,
-            jnp.asarray(batch["tokens"]),
-            jnp.asarray(batch["positions"]),
-            jnp.asarray(batch["segment_ids"]),
+        fields = sharding.put_like(
+            [batch["tokens"], batch["positions"], batch["segment_ids"]], nnx.state(model)
         )
-        outs.append(np.asarray(jax.device_get(out), np.float32)[real])
+        out = _forward(model, *fields)
+        outs.append(np.asarray(sharding.to_host(out), np.float32)[real])
         labels.append(np.asarray(batch["labels"])[real])
     return np.concatenate(outs), np.concatenate(labels)
 

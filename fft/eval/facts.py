@@ -16,12 +16,11 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from fft import generate as generate_lib
+from fft import sharding
 from fft.train import losses
 
 MODES = ("generate", "score")
@@ -52,7 +51,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
         res = generate_lib.generate_tokens(
             model, tokens_bp, mask_bp, max_new_tokens=max_new_tokens, stop_tokens=stops
         )
-        toks, mask = np.asarray(res.tokens), np.asarray(res.mask)
+        toks, mask = sharding.to_host((res.tokens, res.mask))
         for b in range(n_real):
             ids = [int(t) for t, m in zip(toks[b], mask[b], strict=True) if m and t not in stops]
             out.append(_first_word(tokenizer.decode(ids)))
@@ -89,8 +88,8 @@ def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
         tmask = np.zeros((b, width), np.float32)
         for j, (t, m) in enumerate(chunk):
             tokens[j, : len(t)], seg[j, : len(t)], tmask[j, : len(t)] = t, 1, m
-        lp = _seq_logprobs(model, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(tmask))
-        scores[i : i + n] = np.asarray(jax.device_get(lp))[:n]
+        placed = sharding.put_like([tokens, seg, tmask], nnx.state(model))
+        scores[i : i + n] = sharding.to_host(_seq_logprobs(model, *placed))[:n]
     return scores
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from fft import sharding
 from fft.config_lib import FFTError
 from fft.data import formats
 from fft.generate import generate_tokens, left_pad
@@ -140,7 +141,8 @@ def make_exact_match_eval(
                 max_new_tokens=max_new_tokens,
                 stop_tokens=stops,
             )
-            toks, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+            # Rows of a sharded model's output live on every process: gather before numpy.
+            toks, lengths = sharding.to_host((out.tokens, out.lengths))
             for row, length in zip(toks, lengths, strict=True):
                 ids = [int(t) for t in row[:length]]
                 if stops and ids and ids[-1] in stops:

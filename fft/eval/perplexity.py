@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fft import sharding
 from fft.train import losses
 
 
@@ -34,7 +34,9 @@ def evaluate(model, batches, prefix: str = "") -> dict[str, float]:
     """
     total, count = 0.0, 0.0
     for batch in batches:
-        nll, n = jax.device_get(_sums(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+        # Every process holds the same batches (make_eval_batches): placed like the model, the
+        # sums are global and the same on every process.
+        nll, n = sharding.to_host(_sums(model, sharding.put_like(batch, nnx.state(model))))
         total, count = total + float(nll), count + float(n)
     loss = total / max(count, 1.0)
     return {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 50.0))}

@@ -61,10 +61,13 @@ def write_era_shards(directory: str, world: World, era: int, docs: int, shards: 
         path = os.path.join(directory, name)
         if os.path.exists(path):
             continue
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
+        # Every process of a multi-process run writes the same shards into the shared workdir:
+        # each through its own temporary file, so the renames never collide.
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
             for t in texts[j * per : (j + 1) * per]:
                 f.write(json.dumps({"text": t}) + "\n")
-        os.replace(path + ".tmp", path)  # the loader never sees a half-written shard
+        os.replace(tmp, path)  # the loader never sees a half-written shard
 
 
 def _era_records(directory: str, eras: range) -> list[dict]:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fft import config_lib, tokenizers
+from fft import config_lib, sharding, tokenizers
 from fft.data import pipeline, sources
 from fft.data.synthetic import World
 from fft.models.transformer import Transformer
@@ -215,7 +215,7 @@ class DocSet:
     def evaluate(self, model, prefix: str, vocab_limit: int | None = None) -> dict[str, float]:
         fn, total, count = _nll_fn(vocab_limit), 0.0, 0.0
         for batch in self.batches:
-            nll, n = jax.device_get(fn(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+            nll, n = sharding.to_host(fn(model, sharding.put_like(batch, nnx.state(model))))
             total, count = total + float(nll), count + float(n)
         return {
             f"{prefix}_ppl": math.exp(min(total / max(self.words, 1), 50.0)),

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fft import config_lib
+from fft import config_lib, sharding
 from fft.data import labels, pipeline, sources
 from fft.data.synthetic import World
 from fft.rl import evals, objectives
@@ -94,13 +94,30 @@ def encode_rows(records, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
 
 
 class RowStream:
-    """Endless seeded minibatches over fixed rows; `get_state`/`set_state` resume exactly."""
+    """Endless seeded minibatches over fixed rows; `get_state`/`set_state` resume exactly.
 
-    def __init__(self, rows: dict[str, np.ndarray], batch_size: int, *, seed: int = 0):
+    `batch_size` is the global batch: every process draws the same global minibatch (the rows
+    are the same on every process) and yields its `batch_size / process_count` rows of it, so
+    no pair is read twice and 1 and N processes train on the same minibatches. The state is a
+    position in the global order, the same on every process.
+    """
+
+    def __init__(
+        self,
+        rows: dict[str, np.ndarray],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
         self.rows, self.batch_size, self.seed = rows, int(batch_size), int(seed)
         self.n = len(next(iter(rows.values())))
         if self.n < self.batch_size:
             raise config_lib.ConfigError(f"{self.n} preference pairs < batch_size {batch_size}.")
+        self.process_count = jax.process_count() if process_count is None else process_count
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.local = pipeline.rows_per_process(self.batch_size, self.process_count)
         self.epoch, self.index = 0, 0
 
     def __iter__(self):
@@ -110,7 +127,8 @@ class RowStream:
         if self.index + self.batch_size > self.n:  # drop the remainder, start a new epoch
             self.epoch, self.index = self.epoch + 1, 0
         perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        idx = perm[self.index : self.index + self.batch_size]
+        start = self.index + self.process_index * self.local
+        idx = perm[start : start + self.local]
         self.index += self.batch_size
         return {k: v[idx] for k, v in self.rows.items()}
 
@@ -155,9 +173,10 @@ def reference_logprobs(ref_model, rows, batch_size: int = 32) -> dict[str, np.nd
         if k < batch_size:  # pad to one shape: one compile
             chunk = {key: np.concatenate([v, np.zeros_like(v[: batch_size - k])]) for key, v in
                      chunk.items()}  # fmt: skip
-        c, r, _, _ = _pair_logprobs_jit(ref_model, {k2: jnp.asarray(v) for k2, v in chunk.items()})
-        out["ref_chosen_logp"].append(np.asarray(c)[:k])
-        out["ref_rejected_logp"].append(np.asarray(r)[:k])
+        placed = sharding.put_like(chunk, nnx.state(ref_model))
+        c, r = sharding.to_host(_pair_logprobs_jit(ref_model, placed)[:2])
+        out["ref_chosen_logp"].append(c[:k])
+        out["ref_rejected_logp"].append(r[:k])
     return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
 
 

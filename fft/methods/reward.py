@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fft import config_lib
+from fft import config_lib, sharding
 from fft.data import labels, pipeline, sources
 from fft.data.synthetic import World
 from fft.models.transformer import Transformer
@@ -105,8 +105,10 @@ def make_evaluate(pair_batches):
     def evaluate(model) -> dict:
         correct, total, nll = 0.0, 0.0, 0.0
         for batch in pair_batches:
-            s_c, s_r = _pair_scores(model, {k: jnp.asarray(v) for k, v in batch.items()})
-            s_c, s_r = np.asarray(s_c, np.float64), np.asarray(s_r, np.float64)
+            # The same batches on every process, placed like the (sharded) model; the scores
+            # are gathered, so every process computes the same accuracy.
+            scores = _pair_scores(model, sharding.put_like(batch, nnx.state(model)))
+            s_c, s_r = (np.asarray(s, np.float64) for s in sharding.to_host(scores))
             real = batch["chosen_segment_ids"].any(1)  # the last batch is padded
             correct += float(((s_c > s_r) + 0.5 * (s_c == s_r))[real].sum())
             nll += float(np.logaddexp(0.0, -(s_c - s_r))[real].sum())

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fft import sharding
 from fft.config_lib import ConfigError
 from fft.generate import generate_tokens
 from fft.models.transformer import Transformer
@@ -96,7 +97,7 @@ def make_evaluate(
     start = {}
 
     def judged(out):
-        tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        tokens, mask = sharding.to_host((out.tokens, out.mask))
         texts = rewards_lib.decode_responses(tokenizer, tokens, mask, stops)
         seqs = rollout_lib.sequences(prompt_bp, mask_bp, tokens, mask)
         if true_reward_fn is None:
@@ -109,7 +110,7 @@ def make_evaluate(
         if "true" not in start:
             opponent = ref_model if ref_model is not None else _without_adapters(model)
             start["true"] = judged(gen(opponent, prompt_bp, mask_bp, temperature=0.0))[2]
-        metrics = {"response_len": float(np.asarray(out.lengths).mean())}
+        metrics = {"response_len": float(sharding.to_host(out.lengths).mean())}
         if true is not None:
             metrics["true_reward"] = float(true.mean())
             metrics["win_rate"] = rewards_lib.win_rate(true, start["true"])
@@ -118,8 +119,10 @@ def make_evaluate(
         s_seqs, _, s_true = judged(gen(model, prompt_bp, mask_bp, temperature=1.0))
         if s_true is not None:
             metrics["true_reward_sampled"] = float(s_true.mean())
-        logp, ref_logp, _ = rollout_lib.teacher_forced(
-            model, ref_model, {k: jnp.asarray(v) for k, v in s_seqs.items()}
+        logp, ref_logp, _ = sharding.to_host(
+            rollout_lib.teacher_forced(
+                model, ref_model, sharding.put_like(s_seqs, nnx.state(model))
+            )
         )
         m = s_seqs["loss_mask"]
         # KL(pi || pi_ref) per sequence: k1 summed over the response, averaged over prompts.

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fft.data.pipeline import rows_per_process
 from fft.rl import advantages as adv_lib
 from fft.rl import kl as kl_lib
 from fft.rl import objectives, registry
@@ -240,7 +241,11 @@ class PPOBatches:
     Args:
       prompts: a PromptStream yielding `rollout_batch / group_size` records per rollout.
       collect_fn: `(policy_module, records, rng) -> Rollout` (rollout.collect with settings bound).
-      minibatch_size: rows per optimizer step (config.batch_size).
+      minibatch_size: rows per optimizer step (config.batch_size), the global minibatch. Every
+        process samples the same global rollout (generation is sharded over the mesh and its
+        output gathered), computes the same advantages, and yields its `minibatch_size /
+        process_count` rows of each minibatch: no row is trained twice, and 1 and N processes
+        train on the same minibatches.
       epochs: passes over each rollout.
       controller: a KL controller (its value is beta).
       seed: seeds sampling and minibatch shuffling (with the iteration number).
@@ -281,6 +286,8 @@ class PPOBatches:
         self.dynamic_sampling, self.max_sampling_rounds = dynamic_sampling, int(max_sampling_rounds)
         self.overlong_buffer, self.overlong_penalty = int(overlong_buffer), float(overlong_penalty)
         self.rollout_batch = prompts.batch_size * self.group_size
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        rows_per_process(self.minibatch_size, self.process_count)  # the error when it does not
         if self.rollout_batch % self.minibatch_size:
             raise ValueError(
                 f"rollout batch {self.rollout_batch} is not a multiple of batch_size "
@@ -393,6 +400,10 @@ class PPOBatches:
         idx = self._schedule()[self.pos]
         self.pos += 1
         self._bound = None  # the state is donated by the step that consumes this batch
+        # Every process holds the whole rollout; the minibatch is global, and this process
+        # hands the loop its slice of it (fft.sharding.put_batch joins the slices).
+        rows = len(idx) // self.process_count
+        idx = idx[self.process_index * rows : (self.process_index + 1) * rows]
         return {k: v[idx] for k, v in self.buffer.items()}
 
     # -- checkpointing ----------------------------------------------------------------------

@@ -26,11 +26,10 @@ import math
 import os
 from collections.abc import Callable, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fft import pretrained
+from fft import pretrained, sharding
 from fft.config_lib import ConfigError, FFTError
 from fft.data.synthetic import World
 from fft.models.config import ModelConfig
@@ -108,13 +107,9 @@ def reward_model_fn(model: nnx.Module) -> RewardFn:
 
     def fn(records, sequences, texts):
         del records, texts
-        s = _scores_jit(
-            model,
-            jnp.asarray(sequences["tokens"]),
-            jnp.asarray(sequences["positions"]),
-            jnp.asarray(sequences["segment_ids"]),
-        )
-        return np.asarray(s, np.float32)
+        fields = [sequences[k] for k in ("tokens", "positions", "segment_ids")]
+        s = _scores_jit(model, *sharding.put_like(fields, nnx.state(model)))
+        return np.asarray(sharding.to_host(s), np.float32)
 
     return fn
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fft import sharding
 from fft.data import formats
 from fft.generate import generate_tokens
 from fft.models import lora as lora_lib
@@ -245,13 +246,18 @@ def collect(
         stop_tokens=stops,
         rng=rng,
     )
-    response_bn, resp_mask_bn = np.asarray(out.tokens), np.asarray(out.mask)
+    # On a multi-process mesh the samples are sharded over every host: each host gathers the
+    # whole rollout (rewards, advantages and whitening are over all of it), then reads its
+    # slice of each minibatch (fft.rl.ppo.PPOBatches).
+    response_bn, resp_mask_bn, sample_logp = sharding.to_host((out.tokens, out.mask, out.logprobs))
     batch = sequences(prompt_bp, prompt_mask_bp, response_bn, resp_mask_bn)
-    logp, ref_logp, values = teacher_forced(
-        policy,
-        ref_model,
-        {k: jnp.asarray(v) for k, v in batch.items()},
-        jnp.float32(temperature if temperature > 0 else 1.0),
+    logp, ref_logp, values = sharding.to_host(
+        teacher_forced(
+            policy,
+            ref_model,
+            sharding.put_like(batch, nnx.state(policy)),
+            jnp.float32(temperature if temperature > 0 else 1.0),
+        )
     )
     texts = rewards_lib.decode_responses(tokenizer, response_bn, resp_mask_bn, stops)
     scores = np.asarray(reward_fn(records, batch, texts), np.float32)
@@ -262,10 +268,10 @@ def collect(
         records=list(records),
         texts=texts,
         batch=batch,
-        logp=np.asarray(logp),
-        ref_logp=np.asarray(ref_logp),
-        values=np.asarray(values),
-        sample_logp=np.asarray(out.logprobs) * resp_mask_bn,
+        logp=logp,
+        ref_logp=ref_logp,
+        values=values,
+        sample_logp=sample_logp * resp_mask_bn,
         scores=scores,
         true_scores=true_scores,
         prompt_len=prompt_len,

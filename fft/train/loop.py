@@ -244,6 +244,39 @@ def _evaluate(evaluate, graphdef, state, writer, step, split="eval") -> dict[str
     return values
 
 
+def _is_field(key: str, name: str) -> bool:
+    return key == name or key.endswith("_" + name)
+
+
+def _token_counts(batch) -> dict[str, jax.Array]:
+    """Token counts of the global batch, computed inside the step (so over every process).
+
+    `input_tokens`: real (non-padding) tokens of every sequence field (`segment_ids`,
+    `chosen_segment_ids`, `cand_segment_ids`, ...); `target_tokens`: the tokens a loss is on
+    (`loss_mask` and its pair / candidate copies), or one per row for a batch with `labels`
+    (classification: the label is the target).
+    """
+    rows = next(iter(batch.values())).shape[0]
+    seg = [v for k, v in batch.items() if _is_field(k, "segment_ids")]
+    masks = [v for k, v in batch.items() if _is_field(k, "loss_mask")]
+    inputs = sum(jnp.sum(s > 0) for s in seg) if seg else jnp.asarray(rows)
+    if "labels" in batch or not masks:
+        target = jnp.asarray(rows)
+    else:
+        target = sum(jnp.sum(m > 0) for m in masks)
+    return {"input_tokens": inputs.astype(jnp.int32), "target_tokens": target.astype(jnp.int32)}
+
+
+def _with_token_counts(step_fn):
+    """The train step, with the global batch's `_token_counts` added to its metrics."""
+
+    def step(state, batch):
+        state, metrics = step_fn(state, batch)
+        return state, {**metrics, **_token_counts(batch)}
+
+    return step
+
+
 def _batch_tokens(batch) -> int:
     if "segment_ids" in batch:
         return int((batch["segment_ids"] > 0).sum()) * jax.process_count()
@@ -384,7 +417,9 @@ def train(
         )
 
         # ---- the compiled step ----------------------------------------------------------------
-        step_fn = make_train_step(graphdef, loss_fn, tx, grad_accum=grad_accum, schedule=schedule)
+        step_fn = _with_token_counts(
+            make_train_step(graphdef, loss_fn, tx, grad_accum=grad_accum, schedule=schedule)
+        )
         replicated = NamedSharding(mesh, PartitionSpec())
         jitted = None  # built from the first batch's structure
 
@@ -404,7 +439,10 @@ def train(
         log_every = max(int(_cfg(config, "log_every", 10)), 1)
         eval_every = int(_cfg(config, "eval_every", 0))
         ckpt_every = int(_cfg(config, "checkpoint_every", 0))
+        # Global counts, from the steps' metrics (the same on every process): `tokens_seen`
+        # real tokens (the cost), `targets_seen` loss tokens (the `tokens` of metrics rows).
         tokens_seen = int(loop_state.get("tokens", 0))
+        targets_seen = int(loop_state.get("target_tokens", 0))
         timer, bar = metrics_lib.StepTimer(), metrics_lib.ProgressBar(steps, start_step, method)
         pending = None  # (step, metrics) of the previous step: checked one step late so the
         # host never waits on the step it just dispatched
@@ -414,15 +452,21 @@ def train(
 
         def data_state():
             data = train_data.get_state() if hasattr(train_data, "get_state") else None
-            return {"data_by_process": _gather_data_states(data), "loop": {"tokens": tokens_seen}}
+            loop = {"tokens": tokens_seen, "target_tokens": targets_seen}
+            return {"data_by_process": _gather_data_states(data), "loop": loop}
 
         def check_and_log(step_metrics, force=False):
-            nonlocal last_train
+            # Called exactly once for every step (one step late), so the counts are exact.
+            nonlocal last_train, tokens_seen, targets_seen
             done, m = step_metrics
             metrics_lib.check_finite({"loss": m["loss"]}, done)
+            m = dict(m)
+            tokens_seen += int(m.pop("input_tokens"))
+            targets_seen += int(m.pop("target_tokens"))
             if force or done % log_every == 0 or done == steps:
                 extra = timer.lap()
                 values = {**metrics_lib.to_floats(m), "tokens_per_s": extra["tokens_per_s"]}
+                values["tokens"] = targets_seen
                 values.update(getattr(train_data, "stats", None) or {})
                 last_train = writer.write(done, values, split="train")
                 bar.update(0, loss=values["loss"], tok_s=round(extra["tokens_per_s"]))
@@ -439,6 +483,13 @@ def train(
                     try:
                         batch_np = next(train_data)
                     except StopIteration:
+                        if jax.process_count() > 1:
+                            # The others would wait in the next step's collectives forever.
+                            raise ConfigError(
+                                f"the training data ran out on process {jax.process_index()} "
+                                f"at step {step} of {steps}: with several processes the train "
+                                "stream must be endless (num_epochs=None, as every method's is)."
+                            ) from None
                         log.warning("train_data ran out at step %d of %d", step, steps)
                         print(f"WARNING: train_data ran out at step {step} of {steps}.", flush=True)
                         break
@@ -453,7 +504,6 @@ def train(
                         )
                     state, step_metrics = jitted(state, batch)
                     step += 1
-                    tokens_seen += _batch_tokens(batch_np)
                     timer.tick(_batch_tokens(batch_np))
                     bar.update(1)
                     if pending is not None:
@@ -505,6 +555,7 @@ def train(
         "train_loss": last_train.get("loss"),
         "cost": {
             "tokens": tokens_seen,
+            "target_tokens": targets_seen,
             "train_flops": _train_flops(
                 tokens_seen, n_total, n_trainable, model_config, _cfg(config, "seq_len", 0)
             ),

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from fft.config_lib import FFTError
 from fft.data.batch import validate_batch
 from fft.data.pipeline import make_encoder, make_eval_batches, make_train_iterator
 from fft.data.sources import BadRecordError, ShardStream
@@ -78,23 +79,25 @@ def test_mixture_weights_and_change_on_resume(tmp_path):
 
 def test_finite_epochs_and_host_shards(tmp_path):
     a = _tagged(tmp_path, "a.jsonl", 21, 1)
-    seen = []
-    for host in range(3):
-        it = make_train_iterator(
-            a,
-            _by_source,
-            seq_len=4,
-            batch_size=1,
-            packing=False,
-            num_epochs=2,
-            shard_index=host,
-            shard_count=3,
-        )
-        ids = [int(b["tokens"][0, 2]) - 10 for b in it]
-        assert len(ids) == 14 and sorted(ids[:7]) == sorted(ids[7:])  # two epochs of 7
-        assert ids[:7] != ids[7:]  # reshuffled each epoch
-        seen += ids[:7]
-    assert sorted(seen) == list(range(21))
+    kw = dict(seq_len=4, batch_size=3, packing=False, num_epochs=2)
+
+    def ids(it):
+        return [[int(t) - 10 for t in b["tokens"][:, 2]] for b in it]
+
+    one = ids(make_train_iterator(a, _by_source, shard_index=0, shard_count=1, **kw))
+    assert len(one) == 14  # two epochs of 7 global batches of 3
+    first, second = sum(one[:7], []), sum(one[7:], [])
+    assert sorted(first) == sorted(second) == list(range(21))  # each epoch reads all once
+    assert first != second  # reshuffled each epoch
+    # batch_size is global: 3 hosts read one row each, and the global batch at every step
+    # (the hosts' rows in host order) is the one a single host reads.
+    hosts = [
+        ids(make_train_iterator(a, _by_source, shard_index=h, shard_count=3, **kw))
+        for h in range(3)
+    ]
+    assert [sum((hosts[h][s] for h in range(3)), []) for s in range(14)] == one
+    with pytest.raises(FFTError, match="global batch"):
+        make_train_iterator(a, _by_source, shard_index=0, shard_count=2, **kw)
 
 
 def test_bad_records_error_or_counted(tokenizer, jsonl):
