@@ -214,10 +214,10 @@ def model_config_for(config, preset: str | None = None):
         )
     if config.seq_len > mc.max_seq_len:
         mc = mc.replace(max_seq_len=config.seq_len)
-    m = config.model
-    return mc.replace(
-        dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention
-    )
+    from fft.train import lm
+
+    # The run's options as a TPU run applies them: `auto` dtypes resolve for the TPU.
+    return lm.runtime_options(mc, config, platform="tpu")
 
 
 def lower_train_step(config, model_config, devices):
@@ -300,7 +300,6 @@ def per_chip_bytes(tree) -> int:
 
 def analyse(compiled, abstract_state, topo: Topology, config, model_config) -> dict:
     """Memory per chip and FLOPs per step of a compiled train step (JSON-able)."""
-    import jax
 
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -316,12 +315,16 @@ def analyse(compiled, abstract_state, topo: Topology, config, model_config) -> d
     total = args + out - alias + temp + code
     peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
     total = max(total, peak)
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
-    n_params += sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.frozen))
+    from fft.train.state import count_model_params
+
+    # Weights, not storage: a QLoRA code byte holding two nf4 weights counts as two.
+    n_trainable = count_model_params(abstract_state.params)
+    n_params = n_trainable + count_model_params(abstract_state.frozen)
     tokens = config.batch_size * config.seq_len
     mc = model_config
     attn = 6 * mc.n_layers * mc.n_heads * mc.head_dim * config.seq_len  # per token, causal
-    model_flops = tokens * (6 * n_params + attn)
+    # fwd 2N + activation grads 2N + weight grads 2N of the trainable part only (LoRA: ~4N).
+    model_flops = tokens * (4 * n_params + 2 * n_trainable + attn)
     flops_chip = float(cost.get("flops", 0.0)) if cost else 0.0
     return {
         "topology": topo.name,
@@ -334,6 +337,10 @@ def analyse(compiled, abstract_state, topo: Topology, config, model_config) -> d
         "seq_len": config.seq_len,
         "mesh": {},
         "dtype": mc.dtype,
+        "param_dtype": mc.param_dtype,
+        "quant": mc.quant,
+        "lora_rank": int(config.lora.rank),
+        "attention": mc.attention,
         "remat": mc.remat,
         "scan_layers": mc.scan_layers,
         "per_chip_bytes": {
@@ -364,7 +371,9 @@ def format_report(r: dict) -> str:
         f"fft.compile: {r['topology']} ({r['libtpu_topology']}, {r['chips']} chips, "
         f"{r['device_kind']}), mesh {r['mesh']}",
         f"  model {r['model']} = {r['params'] / 1e6:,.1f}M params; batch {r['batch_size']} x "
-        f"seq {r['seq_len']}; dtype {r['dtype']}, remat {r['remat']}, scan {r['scan_layers']}",
+        f"seq {r['seq_len']}; dtype {r['dtype']}, params {r['param_dtype']}, quant {r['quant']}, "
+        f"lora rank {r['lora_rank']}, attention {r['attention']}, remat {r['remat']}, "
+        f"scan {r['scan_layers']}",
         "  memory per chip:",
         f"    params              {_gib(m['params'])}",
         f"    optimizer state     {_gib(m['optimizer'])}",
@@ -376,7 +385,7 @@ def format_report(r: dict) -> str:
         "  FLOPs per step:",
         f"    compiled, per chip  {r['flops_per_step_per_chip']:.3e}  (XLA cost analysis)",
         f"    compiled, all chips {r['flops_per_step']:.3e}",
-        f"    model (6N + attn)   {r['model_flops_per_step']:.3e}",
+        f"    model (4N+2N_train+attn) {r['model_flops_per_step']:.3e}",
         *(
             ["    (scan_layers: XLA counts the scanned layer body once; trust the model figure)"]
             if r["scan_layers"]

@@ -38,7 +38,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Model: only used when init_from is '' (scratch) or to override a loaded model's options.
     c.model = ml_collections.ConfigDict()
     c.model.preset = "micro"  # fft.models.presets name used when training from scratch
-    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | auto (bf16 on TPU/GPU)
+    # Storage dtype of the base weights: float32 | bfloat16 | auto (bf16 for a frozen, i.e. LoRA,
+    # base on TPU/GPU, else f32). LoRA adapters, their optimizer state and the loss stay f32.
+    c.model.param_dtype = "float32"
+    c.model.quant = "none"  # none | int8 | nf4: frozen base kernels quantized at load (QLoRA)
+    c.model.quant_block = 64  # weights per quantization scale (fft.models.quant)
     c.model.remat = "none"  # rematerialisation: none | full | dots | save_qkv | offload
     c.model.scan_layers = False  # lax.scan over stacked layers (faster compile for deep models)
     c.model.attention = "auto"  # auto | xla | cudnn | splash | flash (fft.models.attention)
@@ -94,7 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 _TYPES = {"steps": int, "batch_size": int, "seq_len": int, "seed": int}
 _CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": ("float32", "bfloat16", "auto"),
+    "model.param_dtype": ("float32", "bfloat16", "auto"),
+    "model.quant": ("none", "int8", "nf4"),
     "model.remat": ("none", "full", "dots", "save_qkv", "offload"),
     "model.attention": ("auto", "xla", "cudnn", "splash", "flash"),
     "optim.name": ("adamw", "adafactor", "sgd", "lion"),
@@ -137,6 +144,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.optim.lr={config.optim.lr} must be > 0.")
     if config.lora.rank < 0:
         raise ConfigError(f"config.lora.rank={config.lora.rank} must be >= 0 (0 = LoRA off).")
+    if config.model.quant != "none" and config.lora.rank == 0:
+        raise ConfigError(
+            f"config.model.quant={config.model.quant!r} quantizes the frozen base, which full "
+            "fine-tuning cannot update: set --config.lora.rank=8 (or any rank > 0) for QLoRA, "
+            "or --config.model.quant=none to train every weight."
+        )
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
         if not isinstance(size, int) or (size < 1 and size != -1):

@@ -25,6 +25,7 @@ from flax import nnx
 
 from fft import tokenizers
 from fft.config_lib import FFTError
+from fft.models import quant
 from fft.models.config import ModelConfig
 from fft.models.encoder import EncoderConfig
 
@@ -87,6 +88,9 @@ def load_spec(path: str | os.PathLike) -> Spec:
         return Spec(model_config, tokenizer, load_weights, kind=kind)
     with open(os.path.join(path, "model.json")) as f:
         raw = json.load(f)
+    # A QLoRA run's quantization is a runtime option of that run: its checkpoint reads back as
+    # dequantized full-precision kernels (`read_raw_params`), so it loads as a plain model.
+    raw.pop("quant", None), raw.pop("quant_block", None)
     model_config = (
         EncoderConfig.from_dict(raw) if raw.get("family") == "bert" else ModelConfig.from_dict(raw)
     )
@@ -106,7 +110,8 @@ def load_spec(path: str | os.PathLike) -> Spec:
 
 
 def _path_str(path) -> str:
-    return ".".join(str(getattr(p, "key", p)) for p in path)
+    # DictKey .key, GetAttrKey .name (a Variable's `value`), SequenceKey .idx (nnx.List items)
+    return ".".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
 
 
 def latest_checkpoint(workdir: str | os.PathLike) -> str:
@@ -136,14 +141,31 @@ def read_fft_params(workdir: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def read_raw_params(workdir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Like `read_fft_params`, but LoRA adapters are kept as `X.lora_a` / `X.lora_b`."""
+    """Like `read_fft_params`, but LoRA adapters are kept as `X.lora_a` / `X.lora_b`.
+
+    A QLoRA run's quantized kernels (`X.kernel_q` + `X.kernel_scale`) come back dequantized as
+    `X.kernel`, in the run's `param_dtype` (the base's dtype as it was loaded).
+    """
     item = os.path.abspath(latest_checkpoint(workdir))
     try:
-        return _read_raw_item(item)
+        flat = _read_raw_item(item)
     except Exception as e:  # noqa: BLE001 - a truncated checkpoint: one error naming it
         from fft import checkpoint  # deferred: orbax is slow to import
 
         raise checkpoint.unreadable_checkpoint(os.path.dirname(item), e) from None
+    if any(n.endswith(".kernel_q") for n in flat):
+        flat = quant.dequantize_flat(flat, _param_dtype(os.fspath(workdir)))
+    return flat
+
+
+def _param_dtype(workdir: str) -> np.dtype:
+    """The storage dtype model.json records for the run's (unquantized) weights."""
+    path = os.path.join(workdir, "model.json")
+    if not os.path.exists(path):
+        return np.dtype(np.float32)
+    with open(path) as f:
+        name = json.load(f).get("param_dtype", "float32")
+    return np.dtype(jax.numpy.dtype(name))
 
 
 def _read_raw_item(item: str) -> dict[str, np.ndarray]:
@@ -314,13 +336,19 @@ def place(flat, abstract_state, shardings=None, *, model_config=None, source: st
     shard_flat = {}
     if shardings is not None:
         for path, s in jax.tree_util.tree_leaves_with_path(shardings):
-            shard_flat[_path_str(path)] = s
+            shard_flat[_path_str(path).removesuffix(".value")] = s
 
     leaves, wrong, grown = {}, {}, []
     # A padded source (fft-built vocabularies): only its real rows are tokens worth keeping.
     n_tokens = getattr(model_config, "real_vocab_size", 0) or None
-    for path, var in nnx.to_flat_state(abstract_state):
+    abstract_flat = dict(nnx.to_flat_state(abstract_state))
+    for path, var in abstract_flat.items():
         name = ".".join(str(p) for p in path)
+        if path[-1] == "kernel_scale":
+            continue  # filled with its kernel_q
+        if path[-1] == "kernel_q":  # QLoRA: quantize the source's kernel on the host
+            _place_quantized(flat, path, abstract_flat, shard_flat, leaves, wrong)
+            continue
         value = var.get_value() if hasattr(var, "get_value") else var
         shape, dtype = tuple(value.shape), value.dtype
         src = _find(flat, name, shape)
@@ -334,7 +362,7 @@ def place(flat, abstract_state, shardings=None, *, model_config=None, source: st
             src, n_new = resized
             grown.append(f"{name} ({n_new:+d} rows)")
         arr = src.astype(dtype)
-        sharding = shard_flat.get(name) or shard_flat.get(name + ".value")
+        sharding = shard_flat.get(name)
         if sharding is not None:
             arr = jax.make_array_from_callback(shape, sharding, lambda idx, a=arr: a[idx])
         else:
@@ -344,6 +372,38 @@ def place(flat, abstract_state, shardings=None, *, model_config=None, source: st
     if model_config is not None:
         check_loaded(abstract_state, loaded, model_config, source, wrong=wrong, grown=grown)
     return loaded
+
+
+def _place_quantized(flat, path, abstract_flat, shard_flat, leaves, wrong) -> None:
+    """Fills `path` (a `kernel_q`) and its `kernel_scale` from the source's full-precision
+    kernel: quantized on the host, one tensor at a time, and each device gets its shard of the
+    codes only (`quant.put_quantized`)."""
+    name = ".".join(str(p) for p in path)
+    base = name[: -len("_q")]
+    scale_path = (*path[:-1], "kernel_scale")
+    q_var, s_var = abstract_flat[path], abstract_flat[scale_path]
+    want = tuple(s_var.get_value().shape)  # the kernel's rank; its in/out dims follow below
+    src = _find(flat, base, tuple(q_var.get_value().shape))
+    if src is None:
+        return
+    if src.ndim != len(want):
+        wrong[name] = f"{base}: {tuple(src.shape)} in the source does not fit {want} scales"
+        return
+    try:
+        q, s = quant.put_quantized(
+            src,
+            q_var,
+            s_var,
+            shard_flat.get(name),
+            shard_flat.get(base + "_scale"),
+        )
+    except (FFTError, ValueError, StopIteration) as e:
+        wrong[name] = (
+            f"{base}: {tuple(src.shape)} in the source does not quantize into {want} ({e})"
+        )
+        return
+    leaves[path] = q_var.replace(q)
+    leaves[scale_path] = s_var.replace(s)
 
 
 def _backbone_names(model_config) -> set[str]:
@@ -380,9 +440,10 @@ def check_loaded(abstract_state, loaded, model_config, source: str, *, wrong=Non
     missing, fresh = [], {"LoRA adapter": [], "new head": []}
     for path, var in nnx.to_flat_state(abstract_state):
         name = ".".join(map(str, path))
-        if name in got or not isinstance(var, nnx.Param):
+        if name in got or not isinstance(var, nnx.Param | quant.QuantWeight):
             continue  # loaded, or not a weight (RNG counters of dropout layers, ...)
-        parts = _layerless(name).split(".")
+        # A quantized kernel's codes and scales are that kernel of the source's backbone.
+        parts = re.sub(r"\.kernel_(q|scale)$", ".kernel", _layerless(name)).split(".")
         if path[-1] in ("lora_a", "lora_b"):
             fresh["LoRA adapter"].append(name)
         elif any(".".join(parts[i:]) in backbone for i in range(len(parts))):

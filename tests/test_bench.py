@@ -28,7 +28,8 @@ CASES = {
     ),
     "memory": (
         ["memory", "--preset=micro", "--lora_rank=4"],
-        {"params", "optimizer_state_bytes", "lora_vs_full_optimizer_state"},
+        {"params", "optimizer_state_bytes", "lora_vs_full_optimizer_state",
+         "params_plus_optimizer_bytes", "qlora_nf4_block_kernels_vs_f32"},
     ),
     "loader": (
         ["loader", "--preset=micro", "--seq=32", "--batch=2", "--docs=200",
@@ -70,10 +71,29 @@ def test_subcommand_prints_json_lines(what, capsys):
     if what == "memory":
         ratio = next(d for d in lines if d["metric"] == "lora_vs_full_optimizer_state")
         assert 0 < ratio["value"] < 1
+        _check_memory(lines)
     if what == "train":
         tps = next(d for d in lines if d["metric"] == "train_tokens_per_s")
         assert tps["preset"] == "micro" and tps["seq_len"] == 32 and tps["batch"] == 2
         assert tps["value"] > 0 and math.isfinite(tps["loss"])
+
+
+def _check_memory(lines):
+    """`fft.bench memory`: the five modes in order, params + optimizer bytes falling down the
+    list, and nf4 block kernels at 1/8 of f32 plus their scales (micro: one f32 scale per
+    block of 64, or of 16 for the `o` projection's head_dim)."""
+    from fft.bench.memory import MODES
+
+    totals = [d for d in lines if d["metric"] == "params_plus_optimizer_bytes"]
+    assert [d["mode"] for d in totals] == list(MODES) == [
+        "full_f32", "full_bf16_params", "lora", "qlora_int8", "qlora_nf4"]  # fmt: skip
+    values = [d["value"] for d in totals]
+    assert values == sorted(values, reverse=True) and len(set(values)) == 5
+    params = {d["mode"]: d["value"] for d in lines if d["metric"] == "params"}
+    assert len(set(params.values())) == 2  # full == bf16; the LoRA runs add the same adapters
+    nf4 = next(d for d in lines if d["metric"] == "qlora_nf4_block_kernels_vs_f32")["value"]
+    int8 = next(d for d in lines if d["metric"] == "qlora_int8_block_kernels_vs_f32")["value"]
+    assert 1 / 8 < nf4 < 1 / 8 + 1 / 16 + 1e-9 and 1 / 4 < int8 < 1 / 4 + 1 / 16 + 1e-9
 
 
 def test_vs_transformers(capsys):

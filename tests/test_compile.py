@@ -96,3 +96,21 @@ def test_does_not_fit_is_reported():
         assert str(e).startswith("does not fit") and "fsdp" in str(e)
     else:
         assert not r["fits"] and "DOES NOT FIT" in aot.format_report(r)
+
+
+@needs_libtpu
+def test_compile_qlora_with_auto_dtypes_and_splash():
+    """Issue 19 items 2/3/5: `auto` dtypes resolve for the TPU (bf16 compute, bf16 frozen base),
+    an nf4 base compiles with splash attention, and its weights take less HBM than bf16's."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    common = {"model.dtype": "auto", "model.param_dtype": "auto", "model.attention": "splash",
+              "lora.rank": 4, "seq_len": 128, "mesh.data": 1, "mesh.fsdp": -1}  # fmt: skip
+    lora = aot.compile_for_topology(_config(**common), "v5e-4")
+    qlora = aot.compile_for_topology(_config(**common, **{"model.quant": "nf4"}), "v5e-4")
+    for r in (lora, qlora):
+        assert (r["dtype"], r["param_dtype"], r["attention"]) == ("bfloat16", "bfloat16", "splash")
+    assert qlora["quant"] == "nf4" and qlora["params"] == lora["params"]
+    assert qlora["per_chip_bytes"]["params"] < lora["per_chip_bytes"]["params"]
+    assert qlora["per_chip_bytes"]["optimizer"] == lora["per_chip_bytes"]["optimizer"]

@@ -2,7 +2,7 @@
 
     train     tokens/s, MFU, compile time, peak memory of the train step (--vs=transformers)
     generate  new tokens/s of the compiled sampler (--vs=transformers)
-    memory    train-state bytes, full fine-tuning vs LoRA (abstract shapes)
+    memory    params + optimizer bytes: full f32 / bf16 params, LoRA, QLoRA int8 / nf4 (shapes)
     loader    tokenize + pack throughput vs the train step's consumption
     ppo       one PPO iteration's rollout / update time split
     packing   target tokens/s of instruction tuning, packed vs padded rows

@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--reps", type=int, default=5, help="timed calls (per round)")
     g.add_argument("--vs", default="")
 
-    m = sub.add_parser("memory", help="train-state bytes, full vs LoRA")
-    common(m, "100m")
+    m = sub.add_parser("memory", help="params + optimizer bytes: full f32/bf16, LoRA, QLoRA")
+    common(m, "1b")
     m.add_argument("--lora_rank", type=int, default=8)
     m.add_argument("--allocate", action="store_true", help="also allocate and report peak RSS")
 

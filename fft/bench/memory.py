@@ -1,10 +1,14 @@
-"""`memory`: train-state bytes of full fine-tuning versus LoRA, from abstract shapes.
+"""`memory`: parameter + optimizer-state bytes of full fine-tuning, LoRA and QLoRA, from shapes.
 
-    python -m fft.bench memory --preset=100m --lora_rank=8 [--allocate]
+    python -m fft.bench memory --preset=1b --lora_rank=8 [--allocate]
 
-The TrainState is the one fft.train.loop builds (`jax.eval_shape` of the real init: params,
-frozen weights, AdamW state for the trainable part only), so nothing of the 100m model is
-allocated unless `--allocate` asks for it (then the process's peak RSS is reported per mode).
+Modes, in this order (`MODES`): `full_f32` (every weight trains, f32), `full_bf16_params` (the
+same with bf16 storage), `lora` (f32 frozen base + f32 adapters), `qlora_int8` and `qlora_nf4`
+(the base's block kernels stored as int8 / 4-bit codes with f32 per-block scales; embeddings,
+norms and the LM head stay f32). The TrainState is the one fft.train.loop builds
+(`jax.eval_shape` of the real init: params, frozen weights, AdamW state for the trainable part
+only), so nothing is allocated unless `--allocate` asks for it (then the process's peak RSS is
+reported per mode).
 """
 
 from __future__ import annotations
@@ -16,60 +20,101 @@ from flax import nnx
 
 from fft.bench import common
 from fft.bench.common import emit
+from fft.train.state import count_model_params
+
+# mode: (lora rank or 0 for full fine-tuning, ModelConfig overrides)
+MODES = {
+    "full_f32": (0, {}),
+    "full_bf16_params": (0, {"param_dtype": "bfloat16"}),
+    "lora": (None, {}),
+    "qlora_int8": (None, {"quant": "int8"}),
+    "qlora_nf4": (None, {"quant": "nf4"}),
+}
 
 
 def _state_bytes(abstract) -> dict:
     params = nnx.filter_state(abstract.params, nnx.Param)
+    param_bytes = common.tree_bytes(params) + common.tree_bytes(abstract.frozen)
     return {
+        "param_bytes": param_bytes,  # every weight, trainable or frozen (codes and scales)
         "trainable_params_bytes": common.tree_bytes(params),
         "frozen_bytes": common.tree_bytes(abstract.frozen),
         "optimizer_state_bytes": common.tree_bytes(abstract.opt_state),
-        "total_bytes": common.tree_bytes(abstract),
+        "params_plus_optimizer_bytes": param_bytes + common.tree_bytes(abstract.opt_state),
     }
 
 
+def _quantized_kernel_bytes(abstract) -> int:
+    """Bytes of the block kernels' storage (codes + scales, or the kernels themselves)."""
+    total = 0
+    for part in (abstract.params, abstract.frozen):
+        for path, var in nnx.to_flat_state(part):
+            if path[0] == "layers" and str(path[-1]).startswith("kernel"):
+                total += common.tree_bytes(var.get_value())
+    return total
+
+
 def run_memory(args) -> None:
-    cfg = common.model_config(args.preset)
-    settings = {"preset": args.preset, "optimizer": "adamw", "dtype": cfg.param_dtype}
+    base = common.model_config(args.preset)
     optim = common.default_optim()
     out = {}
-    for mode, rank in (("full", 0), ("lora", args.lora_rank)):
+    for mode, (rank, overrides) in MODES.items():
+        rank = args.lora_rank if rank is None else rank
+        cfg = base.replace(**overrides)
         build, trainable = common.lm_builder(cfg, lora_rank=rank)
         _, abstract, init_state, _, _ = common.train_state_fns(build, trainable, optim, 1000)
-        n_train, n_total = common.param_counts(abstract)
+        n_train, _ = common.param_counts(abstract)
         b = _state_bytes(abstract)
+        b["block_kernel_bytes"] = _quantized_kernel_bytes(abstract)
         out[mode] = b
-        extra = {}
+        settings = {
+            "preset": args.preset,
+            "optimizer": "adamw",
+            "mode": mode,
+            "lora_rank": rank,
+            "param_dtype": cfg.param_dtype,
+            "quant": cfg.quant,
+        }
+        n_total = count_model_params(abstract.params) + count_model_params(abstract.frozen)
+        emit("params", n_total, "count", trainable=n_train, **settings)
+        for key, value in b.items():
+            emit(key, value, "bytes", **settings)
         if args.allocate:
             before = common.peak_rss_bytes()
             state = jax.block_until_ready(jax.jit(init_state)())
-            extra = {"peak_rss_bytes": common.peak_rss_bytes(), "peak_rss_before_bytes": before}
+            emit("peak_memory_bytes", common.peak_rss_bytes(), "bytes",
+                 what="peak host RSS (ru_maxrss) after allocating this state; monotone over the "
+                 "process, so modes are in increasing-size order only by chance",
+                 peak_rss_before_bytes=before, **settings)  # fmt: skip
             del state
             gc.collect()
-        mode_settings = dict(settings, mode=mode, lora_rank=rank)
-        emit("params", n_total, "count", trainable=n_train, **mode_settings)
-        for key, value in b.items():
-            emit(key.removesuffix("_bytes") + "_bytes", value, "bytes", **mode_settings)
-        if extra:
-            emit("peak_memory_bytes", extra["peak_rss_bytes"], "bytes",
-                 what="peak host RSS (ru_maxrss) after allocating this state; monotone over the "
-                 "process, so run full first", **mode_settings)  # fmt: skip
-    ratio = out["lora"]["optimizer_state_bytes"] / out["full"]["optimizer_state_bytes"]
+    full = out["full_f32"]
+    for mode in MODES:
+        if mode == "full_f32":
+            continue
+        emit(
+            f"{mode}_vs_full_f32",
+            out[mode]["params_plus_optimizer_bytes"] / full["params_plus_optimizer_bytes"],
+            "ratio",
+            what="params + optimizer state, this mode / full fine-tuning in f32",
+            preset=args.preset,
+            lora_rank=args.lora_rank,
+        )
     emit(
         "lora_vs_full_optimizer_state",
-        ratio,
+        out["lora"]["optimizer_state_bytes"] / full["optimizer_state_bytes"],
         "ratio",
         target="< 0.05",
-        lora_optimizer_state_bytes=out["lora"]["optimizer_state_bytes"],
-        full_optimizer_state_bytes=out["full"]["optimizer_state_bytes"],
+        preset=args.preset,
         lora_rank=args.lora_rank,
-        **settings,
     )
-    emit(
-        "lora_vs_full_train_state",
-        out["lora"]["total_bytes"] / out["full"]["total_bytes"],
-        "ratio",
-        what="whole TrainState (params + frozen + optimizer), LoRA / full",
-        lora_rank=args.lora_rank,
-        **settings,
-    )
+    for mode in ("qlora_int8", "qlora_nf4"):
+        emit(
+            f"{mode}_block_kernels_vs_f32",
+            out[mode]["block_kernel_bytes"] / out["lora"]["block_kernel_bytes"],
+            "ratio",
+            what="bytes of the quantized block kernels (codes + f32 scales) / the same kernels "
+            "in f32; nf4 is 1/8 plus 32 bits of scale per block",
+            target="0.25 + 1/block" if mode == "qlora_int8" else "0.125 + 1/block",
+            preset=args.preset,
+        )

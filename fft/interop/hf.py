@@ -26,6 +26,7 @@ from fft.config_lib import FFTError
 from fft.interop import hf_layout
 from fft.interop.hf_config import SUPPORTED, config_from_hf, config_to_hf  # noqa: F401
 from fft.interop.hf_layout import Path
+from fft.models import quant
 from fft.models.encoder import Encoder, EncoderConfig
 from fft.pretrained import fold_adapter
 
@@ -169,7 +170,7 @@ def read_params(
     stacks: dict[Path, np.ndarray] = {}  # scan-stacked leaves being assembled on the host
     used = set()
     for entry in hf_layout.layout(cfg):
-        targets = [_match(flat, p) for p in entry.paths]
+        targets = [_match_quantized(flat, p) for p in entry.paths]
         if all(t is None for t, _ in targets):
             continue
         used.add(entry.hf)
@@ -178,7 +179,7 @@ def read_params(
             if target is None:
                 continue
             var = flat[target]
-            shape = tuple(var.get_value().shape)
+            shape = _kernel_shape(flat, target)
             want = shape[1:] if row is not None else shape
             if tuple(arr.shape) != want:
                 msg = f"{entry.hf}: shape {arr.shape} does not fit fft {_dotted(target)} {want}"
@@ -186,17 +187,49 @@ def read_params(
                     raise FFTError(msg)
                 log.warning("%s; keeping its fresh init", msg)
                 continue
-            arr = np.asarray(arr).astype(var.get_value().dtype, copy=False)
+            # A quantized target (QLoRA) is quantized from the full-precision tensor.
+            dtype = np.float32 if target[-1] == "kernel_q" else var.get_value().dtype
+            arr = np.asarray(arr).astype(dtype, copy=False)
             if row is not None:
                 stacks.setdefault(target, np.zeros(shape, arr.dtype))[row] = arr
             else:
-                loaded[target] = _place(arr, shard_of.get(target))
+                _put(loaded, flat, shard_of, target, arr)
     for target, arr in stacks.items():
-        loaded[target] = _place(arr, shard_of.get(target))
+        _put(loaded, flat, shard_of, target, arr)
     extra = sorted(n for n in reader.names() - used if not _IGNORED.search(n))
     if extra:
         log.warning("ignoring %d HF tensors fft does not use: %s", len(extra), extra[:8])
     return nnx.from_flat_state([(p, flat[p].replace(value=v)) for p, v in loaded.items()])
+
+
+def _match_quantized(flat, path: Path):
+    """`_match`, or for a kernel the model holds quantized (QLoRA), its `kernel_q`."""
+    target, row = _match(flat, path)
+    if target is None and path[-1] == "kernel":
+        target, row = _match(flat, (*path[:-1], "kernel_q"))
+    return target, row
+
+
+def _kernel_shape(flat, target: Path) -> tuple:
+    """The full-precision shape of `target`: its own, or for a `kernel_q` its codes unpacked
+    (the scales have the kernel's rank; only the block axis and the packed last axis differ)."""
+    shape = tuple(flat[target].get_value().shape)
+    if target[-1] != "kernel_q":
+        return shape
+    per_byte = 2 if flat[target].get_value().dtype == np.uint8 else 1
+    return shape[:-1] + (shape[-1] * per_byte,)
+
+
+def _put(loaded, flat, shard_of, target: Path, arr: np.ndarray) -> None:
+    """Places one host tensor into `loaded[target]` (quantized into codes + scales for a
+    `kernel_q` target, each placed into its own sharding)."""
+    if target[-1] != "kernel_q":
+        loaded[target] = _place(arr, shard_of.get(target))
+        return
+    scale = (*target[:-1], "kernel_scale")
+    loaded[target], loaded[scale] = quant.put_quantized(
+        arr, flat[target], flat[scale], shard_of.get(target), shard_of.get(scale)
+    )
 
 
 def _dotted(path: Path) -> str:
@@ -286,12 +319,13 @@ def _params_to_export(model_or_state, lora_scale):
             if hasattr(lin, "lora_a"):  # inside `disable_lora` the base weights are exported
                 scale = float(lin.lora_scale) if lin.lora_enabled else 0.0
                 scales[tuple(_int(p) for p in path.split("."))] = scale
-        state = nnx.state(model_or_state, nnx.Param)
+        state = nnx.state(model_or_state, (nnx.Param, quant.QuantWeight))
         flat = {p: v.get_value() for p, v in nnx.to_flat_state(state)}
     elif isinstance(model_or_state, dict) and all(isinstance(k, str) for k in model_or_state):
         flat = {tuple(_int(p) for p in k.split(".")): v for k, v in model_or_state.items()}
     else:
         flat = _flat_paths(model_or_state)
+    flat = _dequantized(model_or_state, flat)
     out = {p: v for p, v in flat.items() if p[-1] not in ("lora_a", "lora_b")}
     for p in [p for p in flat if p[-1] == "lora_a"]:
         base = p[:-1]
@@ -300,6 +334,27 @@ def _params_to_export(model_or_state, lora_scale):
             raise FFTError(f"{_dotted(base)} has LoRA adapters: pass lora_scale= to fold them")
         kernel = np.asarray(out[(*base, "kernel")])
         out[(*base, "kernel")] = fold_adapter(kernel, flat[p], flat[(*base, "lora_b")], scale)
+    return out
+
+
+def _dequantized(model_or_state, flat: dict) -> dict:
+    """`flat` with every QLoRA `kernel_q` + `kernel_scale` pair replaced by its dequantized
+    `kernel`: in the layer's `param_dtype` (the base's dtype) for a module, else float32."""
+    if not any(p[-1] == "kernel_q" for p in flat):
+        return flat
+    dtypes = {}
+    if isinstance(model_or_state, nnx.Module):
+        from fft.models.layers import Linear
+
+        for path, m in nnx.iter_graph(model_or_state):
+            if isinstance(m, Linear):
+                dtypes[tuple(_int(p) for p in path)] = m.param_dtype
+    out = dict(flat)
+    for p in [p for p in flat if p[-1] == "kernel_q"]:
+        q, scale = out.pop(p), out.pop((*p[:-1], "kernel_scale"))
+        dtype = dtypes.get(p[:-1], np.float32)
+        out[(*p[:-1], "kernel")] = quant.dequantize(np.asarray(q), np.asarray(scale), np.float32)
+        out[(*p[:-1], "kernel")] = out[(*p[:-1], "kernel")].astype(dtype)
     return out
 
 

@@ -203,10 +203,18 @@ def pooling(config, model_config) -> str:
 
 
 def _runtime(model_config, config):
+    dtype, param_dtype = lm.resolve_dtypes(config)
     if is_encoder(model_config):
-        return model_config.replace(dtype=config.model.dtype)
+        if config.model.quant != "none":
+            raise ConfigError("config.model.quant: encoders (BERT) have no quantized path.")
+        return model_config.replace(dtype=dtype, param_dtype=param_dtype)
     return model_config.replace(
-        dtype=config.model.dtype, remat=config.model.remat, attention=config.model.attention
+        dtype=dtype,
+        param_dtype=param_dtype,
+        quant=config.model.quant,
+        quant_block=config.model.quant_block,
+        remat=config.model.remat,
+        attention=config.model.attention,
     )
 
 

@@ -21,6 +21,7 @@ _CHOICES = {
     "attention": ("auto", "xla", "cudnn", "splash", "flash"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16", "float16"),
+    "quant": ("none", "int8", "nf4"),  # fft.models.quant.CODECS
 }
 _ROPE_TYPES = ("default", "linear", "llama3")
 # fft-built vocabularies are padded to a multiple of this many rows (ModelConfig.with_vocab).
@@ -66,6 +67,8 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots | save_qkv | offload (transformer._remat_policy)
     scan_layers: bool = False  # stack the blocks' params on a 'layers' axis, lax.scan over them
     attention: str = "auto"  # 'auto' | 'xla' | 'cudnn' | 'splash' | 'flash' (fft.models.attention)
+    quant: str = "none"  # frozen block kernels stored as 'int8' | 'nf4' codes (fft.models.quant)
+    quant_block: int = 64  # weights per quantization scale along a kernel's last input axis
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -102,6 +105,8 @@ class ModelConfig:
                     f"ModelConfig.rope_scaling type {kind!r} is not supported; use one of "
                     f"{_ROPE_TYPES}."
                 )
+        if self.quant_block < 1:
+            raise ConfigError(f"ModelConfig.quant_block={self.quant_block} must be >= 1.")
         if self.sliding_window_pattern < 1:
             raise ConfigError("ModelConfig.sliding_window_pattern must be >= 1.")
 
@@ -115,6 +120,8 @@ class ModelConfig:
         if not d["real_vocab_size"]:
             # Unpadded models keep the model.json they had before the field existed.
             del d["real_vocab_size"]
+        if d["quant"] == "none":  # likewise for full-precision models
+            del d["quant"], d["quant_block"]
         if d["rope_scaling"] is not None:
             d["rope_scaling"] = dict(d["rope_scaling"])
         return d

@@ -21,6 +21,7 @@ from fft import sharding
 from fft.config_lib import ConfigError
 from fft.kernels import cpu as cpu_kernels
 from fft.models import attention
+from fft.models import quant as quant_lib
 from fft.models.config import ModelConfig
 
 # An additive mask value (see fft.models.attention): finite, so a fully masked row gives a
@@ -49,8 +50,8 @@ def activation(name: str):
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def dense(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense(x: jax.Array, w: jax.Array, n_in: int, out_dtype=None) -> jax.Array:
     """`tensordot(x, w, n_in)` whose weight gradient is one dot with no transposed activations.
 
     JAX's own transpose rule forms the weight gradient as `transpose(dot(dy, x))`; XLA:CPU
@@ -59,16 +60,20 @@ def dense(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     Contracting `x` and `dy` over their leading (token) axes directly, `dot(x, dy) -> [in, out]`,
     lets the matmul read both operands as they are: +21-25% train tokens/s on the 20m model
     (same loss, `python -m fft.bench train`). Forward and values are exactly `tensordot`.
+
+    `out_dtype` (e.g. float32 for the logits of a bf16 model) is the dot's accumulation and
+    output type: bf16 operands at bf16 speed, the result not rounded to bf16.
     """
-    return jnp.tensordot(x, w, axes=n_in)
+    return jnp.tensordot(x, w, axes=n_in, preferred_element_type=out_dtype)
 
 
-def _dense_fwd(x, w, n_in):
-    return jnp.tensordot(x, w, axes=n_in), (x, w)
+def _dense_fwd(x, w, n_in, out_dtype):
+    return jnp.tensordot(x, w, axes=n_in, preferred_element_type=out_dtype), (x, w)
 
 
-def _dense_bwd(n_in, res, dy):
+def _dense_bwd(n_in, out_dtype, res, dy):
     x, w = res
+    dy = dy.astype(x.dtype)
     n_batch, n_out = x.ndim - n_in, w.ndim - n_in
     out_dy = tuple(range(n_batch, n_batch + n_out))
     out_w = tuple(range(n_in, n_in + n_out))
@@ -81,20 +86,20 @@ def _dense_bwd(n_in, res, dy):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def _matmul(x: jax.Array, w: jax.Array, n_in: int, dtype, key=None) -> jax.Array:
+def _matmul(x: jax.Array, w: jax.Array, n_in: int, dtype, key=None, out_dtype=None) -> jax.Array:
     """`dense(x, w)`, or the CPU decode kernel when `cpu_kernels.decode_weights` packed `w`
     (registered under `key`, the array the model holds, when `w` is derived from it)."""
     packed = cpu_kernels.packed_for(w if key is None else key, math.prod(x.shape[: x.ndim - n_in]))
     if packed is not None and dtype == jnp.float32:
         return cpu_kernels.matmul(x, packed, n_in, w.shape[n_in:])
-    return dense(x, w.astype(dtype), n_in)
+    return dense(x, w.astype(dtype), n_in, out_dtype)
 
 
 def packable_weights(model: nnx.Module):
     """`(w, w as [in, out])` for every Linear kernel and Embed table (`attend`) of `model`: what
     `cpu_kernels.decode_weights` may pack for a decode loop."""
     for _, m in nnx.iter_modules(model):
-        if isinstance(m, Linear):
+        if isinstance(m, Linear) and not m.quant:  # quantized kernels keep XLA's dequant + dot
             w = m.kernel[...]
             yield w, w.reshape(math.prod(m.in_shape), -1)
         elif isinstance(m, Embed):
@@ -107,6 +112,10 @@ class Linear(nnx.Module):
 
     When `fft.models.lora.apply_lora` has attached `lora_a [in..., r]` and `lora_b [r, out...]`
     (LoRAParam), adds `(x . a) . b * lora_scale` unless `lora_enabled` is False.
+
+    With `quant` ('int8' | 'nf4', fft.models.quant) the kernel is stored as `kernel_q` +
+    `kernel_scale` (frozen QuantWeight Variables) and dequantized to the compute dtype at each
+    matmul; the layer has no `kernel` then.
     """
 
     def __init__(
@@ -119,16 +128,27 @@ class Linear(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         init_std: float | None = None,
+        quant: str = "none",
+        quant_block: int = 64,
         rngs: nnx.Rngs,
     ):
         self.in_shape = tuple(int(d) for d in in_shape)
         self.out_shape = tuple(int(d) for d in out_shape)
         self.names = tuple(names)
         self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)  # a quantized kernel's dtype when merged
         std = math.prod(self.in_shape) ** -0.5 if init_std is None else init_std
         shape = self.in_shape + self.out_shape
         w = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32) * std
-        self.kernel = nnx.Param(w.astype(param_dtype), out_sharding=self.names)
+        self.quant = "" if quant == "none" else quant
+        if self.quant:
+            # A random base is quantized like a loaded one, so shapes and dtypes (and so the
+            # abstract state, shardings and checkpoints) are the same either way.
+            self.kernel_q, self.kernel_scale = quant_lib.quantized_vars(
+                w.astype(param_dtype), quant, len(self.out_shape), quant_block, self.names
+            )
+        else:
+            self.kernel = nnx.Param(w.astype(param_dtype), out_sharding=self.names)
         if use_bias:
             b = jnp.zeros(self.out_shape, param_dtype)
             self.bias = nnx.Param(b, out_sharding=self.names[len(self.in_shape) :])
@@ -140,10 +160,31 @@ class Linear(nnx.Module):
     def has_lora(self) -> bool:
         return hasattr(self, "lora_a") and self.lora_enabled
 
-    def __call__(self, x):
+    def weight_var(self) -> nnx.Variable:
+        """The Variable holding the kernel's storage: `kernel`, or `kernel_q` when quantized
+        (same rank and logical names, so LoRA reads stacked axes and shardings from it)."""
+        return self.kernel_q if self.quant else self.kernel
+
+    def weight(self, dtype=None) -> jax.Array:
+        """The kernel `[in..., out...]` in `dtype` (default: its own), dequantized if needed."""
+        if self.quant:
+            return quant_lib.dequantize(
+                self.kernel_q[...], self.kernel_scale[...], dtype or jnp.float32
+            )
+        w = self.kernel[...]
+        return w if dtype is None else w.astype(dtype)
+
+    def __call__(self, x, out_dtype=None):
+        """`x . kernel` (+ bias, + LoRA) in the compute dtype, or accumulated into and returned
+        in `out_dtype` for the base matmul (the LM head's float32 logits)."""
         n_in = len(self.in_shape)
         x = x.astype(self.dtype)
-        y = _matmul(x, self.kernel[...], n_in, self.dtype)
+        if self.quant:
+            # Dequantized per matmul, straight into the compute dtype: only the codes stay
+            # resident; XLA fuses the decode into the dot's operand or frees it right after.
+            y = dense(x, self.weight(self.dtype), n_in, out_dtype)
+        else:
+            y = _matmul(x, self.kernel[...], n_in, self.dtype, out_dtype=out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.has_lora():
@@ -178,10 +219,10 @@ class Embed(nnx.Module):
         # jnp.take (a gather) beats a one-hot matmul on CPU (BENCHMARKS.md: +9%).
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
-    def attend(self, x_btd):
-        """Logits against the table (a tied LM head): `x . embedding^T`."""
+    def attend(self, x_btd, out_dtype=None):
+        """Logits against the table (a tied LM head): `x . embedding^T` (in `out_dtype`)."""
         w = self.embedding[...]
-        return _matmul(x_btd.astype(self.dtype), w.T, 1, self.dtype, key=w)
+        return _matmul(x_btd.astype(self.dtype), w.T, 1, self.dtype, key=w, out_dtype=out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +347,13 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, h, k, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
+        kw = dict(
+            dtype=dtype_of(cfg.dtype),
+            param_dtype=dtype_of(cfg.param_dtype),
+            quant=cfg.quant,
+            quant_block=cfg.quant_block,
+            rngs=rngs,
+        )
         self.q = Linear(
             (d,), (h, dh), names=("embed", "heads", "head_dim"), use_bias=cfg.qkv_bias, **kw
         )
@@ -425,6 +472,8 @@ class MLP(nnx.Module):
             dtype=dtype_of(cfg.dtype),
             param_dtype=dtype_of(cfg.param_dtype),
             use_bias=cfg.mlp_bias,
+            quant=cfg.quant,
+            quant_block=cfg.quant_block,
             rngs=rngs,
         )
         self.gated = cfg.mlp in ("swiglu", "geglu")

@@ -104,9 +104,10 @@ def apply_lora(
         if hasattr(lin, "lora_a"):
             raise ConfigError(f"{path} already has LoRA adapters; merge_lora first.")
         n_in, n_out = len(lin.in_shape), len(lin.out_shape)
-        kernel = lin.kernel[...]
+        weight = lin.weight_var()  # `kernel`, or its codes `kernel_q` (same rank and names)
+        kernel = weight[...]
         lead = kernel.shape[: kernel.ndim - n_in - n_out]  # (L,) for scan-stacked layers
-        lead_names = tuple(lin.kernel.get_metadata().get("out_sharding") or ())[: len(lead)]
+        lead_names = tuple(weight.get_metadata().get("out_sharding") or ())[: len(lead)]
         lead_names = lead_names or (None,) * len(lead)
         names = lin.names
         fan_in = math.prod(lin.in_shape)
@@ -153,12 +154,23 @@ def _delta(lin: Linear):
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-    """Folds every adapter into its kernel (W += a.b * scale) and removes the adapters, in place."""
+    """Folds every adapter into its kernel (W += a.b * scale) and removes the adapters, in place.
+
+    A quantized kernel (QLoRA) is dequantized first and becomes a full-precision `kernel` Param
+    in the model's `param_dtype`: the fold cannot be stored in 4 or 8 bits without losing it.
+    """
     for _, lin in lora_modules(model, ".*"):
         if not hasattr(lin, "lora_a"):
             continue
-        w = lin.kernel[...]
-        lin.kernel[...] = (w.astype(jnp.float32) + _delta(lin)).astype(w.dtype)
+        if lin.quant:
+            names = lin.kernel_q.get_metadata().get("out_sharding")
+            folded = lin.weight(jnp.float32) + _delta(lin)
+            lin.kernel = nnx.Param(folded.astype(lin.param_dtype), out_sharding=names)
+            del lin.kernel_q, lin.kernel_scale
+            lin.quant = ""
+        else:
+            w = lin.kernel[...]
+            lin.kernel[...] = (w.astype(jnp.float32) + _delta(lin)).astype(w.dtype)
         del lin.lora_a
         del lin.lora_b
         if hasattr(lin, "lora_dropout"):

@@ -1,4 +1,4 @@
-"""Named model sizes: `micro` for tests up to `7b` (Llama-2-7B)."""
+"""Named model sizes: `micro` for tests up to `7b` (Llama-2-7B) and `llama3-8b`."""
 
 from __future__ import annotations
 
@@ -83,6 +83,20 @@ PRESETS: dict[str, ModelConfig] = {
         d_ff=11008,
         max_seq_len=4096,
         norm_eps=1e-5,
+    ),  # fmt: skip
+    # Llama-3-8B (8.03B params): GQA 32/8, 128k vocabulary, untied head; the AOT proofs of
+    # docs/scaling.md compile it for TPU slices.
+    "llama3-8b": ModelConfig(
+        vocab_size=128256,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=14336,
+        max_seq_len=8192,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
     ),  # fmt: skip
 }
 

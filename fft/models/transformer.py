@@ -175,10 +175,12 @@ class Transformer(nnx.Module):
 
         With `cfg.real_vocab_size`, the padding ids' logits are PADDING_LOGIT (probability 0).
         """
+        # The head accumulates into float32 whatever the compute dtype: the loss (and sampling)
+        # read logits whose differences matter at a precision bf16 (8 bits) does not keep.
         if self.cfg.tie_embeddings:
-            logits = self.embed.attend(hidden_btd)
+            logits = self.embed.attend(hidden_btd, out_dtype=jnp.float32)
         else:
-            logits = self.lm_head(hidden_btd)
+            logits = self.lm_head(hidden_btd, out_dtype=jnp.float32)
         logits = logits.astype(jnp.float32)
         if self.cfg.logit_softcap:
             c = self.cfg.logit_softcap

@@ -13,8 +13,8 @@ from flax import nnx
 
 from fft import pretrained
 from fft.data import formats
+from fft.models import attention, presets
 from fft.models import lora as lora_lib
-from fft.models import presets
 from fft.models.config import VOCAB_MULTIPLE, ModelConfig
 from fft.models.transformer import Transformer
 from fft.tokenizers import Tokenizer
@@ -32,11 +32,49 @@ class Base:
     load_weights: Callable | None = None
 
 
-def _runtime_options(model_config: ModelConfig, config) -> ModelConfig:
-    """Applies the run's compute options (dtype, remat, scan, attention) to a model config."""
+# Where `auto` asks for bf16: accelerators with bf16 matmul units. CPUs compute bf16 slowly
+# (converted to f32 per op) and the tests compare f32 numbers.
+_BF16_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")
+
+
+def resolve_dtypes(config, platform: str | None = None) -> tuple[str, str]:
+    """`(dtype, param_dtype)` of `config.model`, with `auto` resolved for `platform`.
+
+    `dtype` auto: bfloat16 on TPU/GPU, float32 on CPU. `param_dtype` auto: bfloat16 for a
+    frozen base (LoRA, `lora.rank > 0`) on TPU/GPU, else float32: full fine-tuning keeps f32
+    master weights (a bf16 Adam update of a large weight loses the small steps), while a frozen
+    base never changes, so bf16 only halves its memory. Adapters stay f32 either way
+    (fft.models.lora), and so do their Adam moments and the loss (logits are cast to f32).
+
+    Args:
+      config: the run config (`model.dtype`, `model.param_dtype`, `lora.rank`).
+      platform: 'cpu' | 'gpu' | 'tpu'; default `attention.platform()` (the active mesh's
+        devices, else the default backend): `fft.compile` passes its topology's.
+    """
+    platform = platform or attention.platform()
+    accel = platform in _BF16_PLATFORMS
     m = config.model
+    dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if accel else "float32")
+    param_dtype = m.get("param_dtype", "float32")
+    if param_dtype == "auto":
+        frozen_base = config.lora.rank > 0
+        param_dtype = "bfloat16" if accel and frozen_base else "float32"
+    return dtype, param_dtype
+
+
+def runtime_options(model_config: ModelConfig, config, platform: str | None = None) -> ModelConfig:
+    """Applies the run's options (dtypes, quantization, remat, scan, attention) to a model
+    config; `auto` dtypes resolve for `platform` (see `resolve_dtypes`)."""
+    m = config.model
+    dtype, param_dtype = resolve_dtypes(config, platform)
     return model_config.replace(
-        dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention
+        dtype=dtype,
+        param_dtype=param_dtype,
+        quant=m.get("quant", "none"),
+        quant_block=m.get("quant_block", 64),
+        remat=m.remat,
+        scan_layers=m.scan_layers,
+        attention=m.attention,
     )
 
 
@@ -49,7 +87,7 @@ def load_base(config) -> Base:
         # its padding here; `load_weights` fills the new rows (pretrained.place). HF models
         # keep their own rows, so their logits stay exactly transformers'.
         model_config = _padded(model_config)
-    return Base(_runtime_options(model_config, config), spec.tokenizer, spec.load_weights)
+    return Base(runtime_options(model_config, config), spec.tokenizer, spec.load_weights)
 
 
 def _padded(model_config: ModelConfig) -> ModelConfig:
@@ -68,7 +106,7 @@ def scratch_base(config, tokenizer: Tokenizer) -> Base:
     model_config = presets.get_preset(config.model.preset).with_vocab(tokenizer.vocab_size)
     if config.seq_len > model_config.max_seq_len:
         model_config = model_config.replace(max_seq_len=config.seq_len)
-    return Base(_runtime_options(model_config, config), tokenizer, None)
+    return Base(runtime_options(model_config, config), tokenizer, None)
 
 
 def add_lora(model: nnx.Module, config, rngs: nnx.Rngs) -> nnx.Module:

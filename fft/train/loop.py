@@ -108,7 +108,7 @@ def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
 # a preset names: a loaded fft:tiny with its own vocabulary or bf16 compute is still 'tiny'.
 _NOT_ARCHITECTURE = (
     "vocab_size", "real_vocab_size", "max_seq_len", "dtype", "param_dtype", "remat",
-    "scan_layers", "attention",
+    "scan_layers", "attention", "quant", "quant_block",
 )  # fmt: skip
 
 

@@ -116,6 +116,13 @@ def count_params(tree) -> int:
 
 
 def count_model_params(state) -> int:
-    """Number of scalars in the `nnx.Param` Variables of a state (rng state excluded)."""
-    params = nnx.filter_state(state, nnx.Param) if isinstance(state, nnx.State) else state
-    return count_params(params)
+    """Number of weights in the `nnx.Param` Variables of a state (rng state excluded), a
+    quantized kernel (QLoRA `kernel_q` codes) counted as the weights it stands for."""
+    if not isinstance(state, nnx.State):
+        return count_params(state)
+    from fft.models import quant  # L1; only its Variable type and code counts
+
+    n = count_params(nnx.filter_state(state, nnx.Param))
+    for path, var in nnx.to_flat_state(nnx.filter_state(state, quant.QuantWeight)):
+        n += quant.logical_size(str(path[-1]), var.get_value())
+    return n
