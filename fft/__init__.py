@@ -7,6 +7,7 @@ Public API (imported lazily so `import fft` stays cheap):
 """
 
 import os
+import types
 
 import flax
 
@@ -21,6 +22,19 @@ __all__ = ["load", "generate", "export"]
 def cache_dir() -> str:
     """Root of fft's cache: `$FFT_CACHE`, default `~/.cache/fft` (base models, built kernels)."""
     return os.path.abspath(os.path.expanduser(os.environ.get("FFT_CACHE", "~/.cache/fft")))
+
+
+class _CallableModule(types.ModuleType):
+    """A submodule named like a public function (`fft.generate`, `fft.export`).
+
+    Importing the submodule binds `fft.<name>` to the module, hiding the lazy attribute below;
+    calling the module therefore calls the public function, whatever was imported first.
+    """
+
+    def __call__(self, *args, **kwargs):
+        from fft import api
+
+        return getattr(api, self.__name__.rpartition(".")[2])(*args, **kwargs)
 
 
 def __getattr__(name):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import fft
 from fft.config_lib import FFTError
 
 
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     print(out)
     return 0
 
+
+# `fft.export(...)` works even once this CLI module has been imported (see fft/__init__).
+sys.modules[__name__].__class__ = fft._CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

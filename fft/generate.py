@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import types
 from collections.abc import Sequence
 
 import flax.struct
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import fft
 from fft import sharding
 from fft.kernels import cpu as cpu_kernels
 from fft.models import layers as L
@@ -282,13 +282,5 @@ def generate(
     return texts
 
 
-class _CallableModule(types.ModuleType):
-    """`fft.generate(...)` is the public function, but importing this submodule binds the name
-    `fft.generate` to the module (hiding fft/__init__'s lazy attribute); calling the module
-    therefore calls `generate`, whatever was imported first."""
-
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+# `fft.generate(...)` works even once this submodule has been imported (see fft/__init__).
+sys.modules[__name__].__class__ = fft._CallableModule

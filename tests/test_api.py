@@ -99,3 +99,16 @@ def test_load_errors_name_the_argument_given(tmp_path):
     with pytest.raises(config_lib.FFTError) as e:
         fft.load("pip:fft-no-such-package")
     assert str(e.value).startswith("fft.load('pip:fft-no-such-package'): the package is not")
+
+
+def test_public_functions_survive_importing_their_submodules(micro, tmp_path):
+    """`import fft.export` (the CLI module) or `fft.generate` (the sampler module) binds the
+    package attribute to the module; `fft.export(...)` / `fft.generate(...)` still work."""
+    import importlib
+
+    importlib.import_module("fft.export")
+    importlib.import_module("fft.generate")
+    out = fft.export(micro, tmp_path / "hf")
+    assert (pathlib.Path(out) / "config.json").exists()
+    model, tok = fft.load(micro)
+    assert len(fft.generate(model, tok, ["the"], max_new_tokens=2)) == 1
