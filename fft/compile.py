@@ -5,7 +5,8 @@
         --config.model.preset=7b --config.batch_size=256 --config.seq_len=4096 \\
         --config.mesh.data=1 --config.mesh.fsdp=-1 --config.model.remat=full
 
-The train step (the same function, shardings and donation `fft.train.loop` compiles) is
+The train step (the method's Recipe through `fft.train.trainer.prepare`, the assembly the
+Trainer runs: the same function, shardings and donation) is
 lowered for the slice's devices (`jax.experimental.topologies`: compile-only devices made by
 libtpu) and compiled by the real TPU compiler. Printed per chip: parameter, optimizer and
 activation/temporary memory against HBM, and FLOPs per step from the compiled executable's
@@ -184,8 +185,6 @@ def topology_devices(topo: Topology, num_slices: int = 1) -> list:
 # The model and the train step, as fft.train.loop builds them
 # =============================================================================================
 
-LM_METHODS = ("pretrain", "instruction", "domain", "continual")
-
 
 def model_config_for(config, preset: str | None = None):
     """The ModelConfig to compile: `preset`, else the one `config` would train."""
@@ -221,70 +220,53 @@ def model_config_for(config, preset: str | None = None):
 
 
 def lower_train_step(config, model_config, devices):
-    """Lowers the LM train step for `devices`; returns `(lowered, abstract_state, mesh)`."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
+    """Lowers `config`'s method's train step for `devices`: the method's Recipe with an
+    abstract base (no weights, no data) through `fft.train.trainer.prepare`, the assembly the
+    Trainer runs. Returns `(lowered, prepared, recipe, batch_spec)`."""
+    import importlib
 
     from fft import sharding
-    from fft.train import lm, optim
-    from fft.train.state import TrainState, split_model
-    from fft.train.step import make_train_step
+    from fft.train import lm, trainer
 
-    mesh = sharding.make_mesh(
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices
-    )
-    rules = sharding.rules_from_config(config.sharding.rules)
-    sharding.check_batch_size(config.batch_size, mesh)
-    build_model = lm.model_builder(model_config, config)
-    trainable = lm.trainable_filter(config)
+    method = importlib.import_module(f"fft.methods.{config.method}")
+    # The weights are never read: a loader that loads nothing stands in for init_from's.
+    base = lm.Base(model_config, None, lambda abstract, shardings=None: None)
+    recipe = method.recipe(config, base=base)
+    loop = trainer.LoopConfig.from_config(config)
+    mesh = loop.make_mesh(devices)
+    spec = recipe.batch_spec(loop.batch_size)
+    with sharding.use_mesh(mesh, loop.rules):
+        prep = trainer.prepare(recipe, loop, mesh)
+        lowered = prep.lower(spec)
+    return lowered, prep, recipe, spec
+
+
+def extra_model_bytes(recipe, mesh, rules) -> dict[str, int]:
+    """Per-chip bytes of each of `recipe.extra_models` (reference, reward, ...) placed as the
+    Trainer places them: the same rules, so an 8B reference is sharded like the policy."""
+    from flax import nnx
+
+    from fft import sharding
+
+    out = {}
     with sharding.use_mesh(mesh, rules):
-        graphdef, abs_params, _ = split_model(nnx.eval_shape(build_model), trainable)
-        tx, schedule = optim.make_optimizer(config.optim, config.steps, abs_params)
-
-        def init_state() -> TrainState:
-            _, params, frozen = split_model(build_model(), trainable)
-            return TrainState(
-                step=jnp.zeros((), jnp.int32),
-                params=params,
-                frozen=frozen,
-                opt_state=tx.init(params),
-                rng=jax.random.key(0),
-            )
-
-        abstract = jax.eval_shape(init_state)
-        state_sh = sharding.state_shardings(abstract, mesh, rules)
-        b, t = config.batch_size, config.seq_len
-        batch = {
-            k: jax.ShapeDtypeStruct((b, t), dt, sharding=sharding.batch_sharding(mesh, 2))
-            for k, dt in (
-                ("tokens", jnp.int32),
-                ("positions", jnp.int32),
-                ("segment_ids", jnp.int32),
-                ("loss_mask", jnp.float32),
-            )
-        }
-        step_fn = make_train_step(
-            graphdef,
-            lm.next_token_loss_fn(),
-            tx,
-            grad_accum=int(config.optim.grad_accum),
-            schedule=schedule,
-        )
-        jitted = jax.jit(
-            step_fn,
-            in_shardings=(state_sh, {k: v.sharding for k, v in batch.items()}),
-            out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
-            donate_argnums=0,
-        )
-        lowered = jitted.lower(sharding.with_shardings(abstract, state_sh), batch)
-    return lowered, sharding.with_shardings(abstract, state_sh), mesh
+        for name, spec in recipe.extra_models.items():
+            abstract = nnx.state(nnx.eval_shape(spec.build))
+            shardings = sharding.state_shardings(abstract, mesh, rules)
+            out[name] = per_chip_bytes(sharding.with_shardings(abstract, shardings))
+    return out
 
 
 # =============================================================================================
 # Report
 # =============================================================================================
+
+
+def _flat(tree) -> list[tuple[str, object]]:
+    """`(path, leaf)` pairs of a pytree, paths as strings."""
+    import jax
+
+    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def per_chip_bytes(tree) -> int:
@@ -298,8 +280,15 @@ def per_chip_bytes(tree) -> int:
     return total
 
 
-def analyse(compiled, abstract_state, topo: Topology, config, model_config) -> dict:
-    """Memory per chip and FLOPs per step of a compiled train step (JSON-able)."""
+def analyse(compiled, abstract_state, topo: Topology, config, model_config, *, extra=None,
+            tokens=None, value_head=0) -> dict:  # fmt: skip
+    """Memory per chip and FLOPs per step of a compiled train step (JSON-able).
+
+    `extra`: per-chip bytes of the models beside the policy (resident beside the step);
+    `tokens`: token positions of one global batch (all sequence fields: pairs count twice);
+    `value_head`: per-chip bytes of the PPO value head (inside the params).
+    """
+    extra = dict(extra or {})
 
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -314,13 +303,13 @@ def analyse(compiled, abstract_state, topo: Topology, config, model_config) -> d
     # Donated state aliases its outputs, so arguments + outputs - aliased is what stays resident.
     total = args + out - alias + temp + code
     peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
-    total = max(total, peak)
+    total = max(total, peak) + sum(extra.values())
     from fft.train.state import count_model_params
 
     # Weights, not storage: a QLoRA code byte holding two nf4 weights counts as two.
     n_trainable = count_model_params(abstract_state.params)
     n_params = n_trainable + count_model_params(abstract_state.frozen)
-    tokens = config.batch_size * config.seq_len
+    tokens = tokens or config.batch_size * config.seq_len
     mc = model_config
     attn = 6 * mc.n_layers * mc.n_heads * mc.head_dim * config.seq_len  # per token, causal
     # fwd 2N + activation grads 2N + weight grads 2N of the trainable part only (LoRA: ~4N).
@@ -339,6 +328,7 @@ def analyse(compiled, abstract_state, topo: Topology, config, model_config) -> d
         "dtype": mc.dtype,
         "param_dtype": mc.param_dtype,
         "quant": mc.quant,
+        "method": config.method,
         "lora_rank": int(config.lora.rank),
         "attention": mc.attention,
         "remat": mc.remat,
@@ -349,6 +339,8 @@ def analyse(compiled, abstract_state, topo: Topology, config, model_config) -> d
             "batch_and_other_args": max(args - params - optimizer, 0),
             "activations_temp": temp,
             "code": code,
+            "value_head": value_head,
+            "extra_models": extra,
             "total": total,
             "hbm": topo.chip.hbm_bytes,
         },
@@ -368,7 +360,8 @@ def _gib(x: float) -> str:
 def format_report(r: dict) -> str:
     m = r["per_chip_bytes"]
     lines = [
-        f"fft.compile: {r['topology']} ({r['libtpu_topology']}, {r['chips']} chips, "
+        f"fft.compile: {r.get('method', '?')} on {r['topology']} ({r['libtpu_topology']}, "
+        f"{r['chips']} chips, "
         f"{r['device_kind']}), mesh {r['mesh']}",
         f"  model {r['model']} = {r['params'] / 1e6:,.1f}M params; batch {r['batch_size']} x "
         f"seq {r['seq_len']}; dtype {r['dtype']}, params {r['param_dtype']}, quant {r['quant']}, "
@@ -380,6 +373,12 @@ def format_report(r: dict) -> str:
         f"    batch + other args  {_gib(m['batch_and_other_args'])}",
         f"    activations / temp  {_gib(m['activations_temp'])}",
         f"    code                {_gib(m['code'])}",
+        *(
+            [f"    (value head         {_gib(m['value_head'])}, inside params)"]
+            if m.get("value_head")
+            else []
+        ),
+        *(f"    {k + ' model':<19} {_gib(v)}" for k, v in m.get("extra_models", {}).items()),
         f"    total               {_gib(m['total'])}  of {_gib(m['hbm']).strip()} HBM "
         f"({100 * m['total'] / m['hbm']:.0f}%)",
         "  FLOPs per step:",
@@ -412,27 +411,23 @@ def compile_for_topology(
     """Compiles `config`'s train step for `topology`; returns the report dict.
 
     Args:
-      config: a method config (ConfigDict) of an LM method.
+      config: a method config (ConfigDict) of any method.
       topology: a TPU slice name (see `parse_topology`).
       preset: model preset name overriding the config's model.
       model_config: a ModelConfig overriding both (used as given).
       num_slices: slices joined over DCN.
 
     Raises:
-      CompileError: libtpu missing, unknown topology, an unsupported method, or the TPU
+      CompileError: libtpu missing, unknown topology, or the TPU
         compiler ran out of HBM (the message carries its numbers and what to change).
     """
-    if config.method not in LM_METHODS:
-        raise CompileError(
-            f"fft.compile compiles the next-token train step of {', '.join(LM_METHODS)}; "
-            f"method {config.method!r} is not supported yet."
-        )
     config_lib.validate(config)
     topo = parse_topology(topology)
     devices = topology_devices(topo, num_slices)
     if model_config is None:
         model_config = model_config_for(config, preset)
-    lowered, abstract_state, mesh = lower_train_step(config, model_config, devices)
+    lowered, prep, recipe, spec = lower_train_step(config, model_config, devices)
+    mesh = prep.mesh
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA reports OOM as a generic runtime error
@@ -444,7 +439,18 @@ def compile_for_topology(
                 + _ADVICE
             ) from None
         raise
-    report = analyse(compiled, abstract_state, topo, config, model_config)
+    state = prep.abstract_state
+    head = [v for p, v in _flat(state.params) if "value_head" in p]
+    report = analyse(
+        compiled,
+        state,
+        topo,
+        config,
+        model_config,
+        extra=extra_model_bytes(recipe, mesh, prep.rules),
+        tokens=sum(math.prod(v.shape) for k, v in spec.items() if k.endswith("tokens")),
+        value_head=per_chip_bytes(head),
+    )
     report["mesh"] = dict(mesh.shape)
     report["device_kind"] = devices[0].device_kind
     return report

@@ -2,7 +2,7 @@
 
 Parses the ml_collections config (with `--config.x.y=value` overrides), validates it before
 anything compiles, resolves `init_from` presets (`fft:tiny` is built and cached on first use),
-then hands the config to `fft.methods.<config.method>.run`.
+then runs the method's Recipe (`fft.methods.<config.method>.recipe`) on the one Trainer.
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ def run(config, workdir: str) -> dict:
     with config.unlocked():
         config.init_from = zoo.resolve(config.init_from)
     method = importlib.import_module(f"fft.methods.{config.method}")
-    return method.run(config, workdir)
+    from fft.train import trainer  # deferred: imports jax
+
+    return trainer.fit(config, workdir, method.recipe(config, workdir))
 
 
 def run_once(config, workdir: str) -> dict:

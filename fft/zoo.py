@@ -150,17 +150,20 @@ def _recipe(name: str):
 
 def _build(name: str, workdir: str) -> dict:
     """Trains `fft:<name>` into `workdir`; an SFT model first resolves (builds) its base."""
+    from fft.train import trainer
+
     if name not in config_lib.SFT_MODELS:
         from fft.methods import pretrain
 
-        return pretrain.build(name, workdir)
+        config = config_lib.pretrain_config(name)
+        return trainer.fit(config, workdir, pretrain.recipe(config, workdir))
     from fft.methods import instruction
 
     config = config_lib.sft_config(name)
     print(f"fft: fft:{name} is {config.init_from} tuned by the instruction recipe ...")
     # The base has its own lock (never the one held here), and is built first if missing.
     config.init_from = resolve(config.init_from)
-    return instruction.run(config, workdir)
+    return trainer.fit(config, workdir, instruction.recipe(config, workdir))
 
 
 def packaged_model_dir(distribution: str, *, what: str | None = None) -> str:

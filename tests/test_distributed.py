@@ -77,22 +77,22 @@ def _config(steps: int):
 
 
 def _train(workdir: str, steps: int) -> dict:
-    import jax
     from flax import nnx
 
     from fft.models.transformer import Transformer
-    from fft.train import lm, loop
+    from fft.train import lm, trainer
+    from fft.train.recipe import ModelSpec, Recipe, lm_batch_spec
 
     mc = _model_config()
-    return loop.train(
-        _config(steps),
-        workdir,
+    config = _config(steps)
+    recipe = Recipe(
         method="pretrain",
-        build_model=lambda: Transformer(mc, rngs=nnx.Rngs(0)),
+        model=ModelSpec(lambda: Transformer(mc, rngs=nnx.Rngs(0)), None, mc),
         loss_fn=lm.next_token_loss_fn(),
-        train_data=_Batches(mc.vocab_size, jax.process_index(), jax.process_count()),
-        model_config=mc,
+        train_data=lambda ctx: _Batches(mc.vocab_size, ctx.shard.index, ctx.shard.count),
+        batch_spec=lm_batch_spec(config.seq_len),
     )
+    return trainer.fit(config, workdir, recipe)
 
 
 def _worker(argv: list[str]) -> None:

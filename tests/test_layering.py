@@ -15,6 +15,7 @@ LAYERS = {
     "fft.metrics": 0,
     "fft.tokenizers": 0,
     "fft.kernels": 0,
+    "fft.distributed": 0,
     "fft.models": 1,
     "fft.data": 1,
     "fft.train": 2,
@@ -34,11 +35,15 @@ LAYERS = {
     "fft.report": 6,
     "fft.launch": 6,
     "fft.compile": 6,
-    "fft": 0,  # the package __init__ (its lazy API import happens at call time)
 }
+# The package __init__ (its lazy API import happens at call time): only the module `fft`
+# itself, so that a module missing from LAYERS fails the test instead of falling into L0.
+PACKAGE = "fft"
 
 
 def layer_of(module: str) -> int | None:
+    if module == PACKAGE:
+        return 0
     best = None
     for prefix, layer in LAYERS.items():
         if module == prefix or module.startswith(prefix + "."):
@@ -97,3 +102,43 @@ def test_methods_never_import_each_other():
         for imported in imported_modules(tree, me):
             if imported.startswith("fft.methods.") and imported != me:
                 raise AssertionError(f"{me} imports {imported}")
+
+
+def test_every_module_has_a_layer():
+    missing = [module_name(p) for p in ROOT.rglob("*.py") if layer_of(module_name(p)) is None]
+    assert not missing, f"modules with no layer in tests/test_layering.py LAYERS: {missing}"
+
+
+def test_configs_import_only_config_lib():
+    """Config files are data: they may import fft.config_lib (and ml_collections), no more."""
+    bad = []
+    for path in (ROOT.parent / "configs").glob("*.py"):
+        for imported in imported_modules(ast.parse(path.read_text()), "configs." + path.stem):
+            if imported.startswith("fft") and imported != "fft.config_lib":
+                bad.append(f"{path.name} imports {imported}")
+    assert not bad, bad
+
+
+def test_methods_are_recipes_the_trainer_runs():
+    """Methods describe runs; only the Trainer runs them and owns the workdir's files."""
+    bad = []
+    for path in (ROOT / "methods").glob("*.py"):
+        text = path.read_text()
+        me = module_name(path)
+        for imported in imported_modules(ast.parse(text), me):
+            if imported.split(".")[:3] in (
+                ["fft", "train", "trainer"],
+                ["fft", "train", "run_files"],
+            ):
+                bad.append(f"{me} imports {imported}")
+        for name in ('"eval_before.json"', '"results.json"', "make_train_step"):
+            if name in text:
+                bad.append(f"{me} mentions {name}")
+        if path.stem != "__init__" and "def recipe(" not in text:
+            bad.append(f"{me} has no recipe()")
+    # The step is assembled once: only the Trainer calls make_train_step.
+    for path in ROOT.rglob("*.py"):
+        if module_name(path) not in ("fft.train.trainer", "fft.train.step"):
+            if "make_train_step(" in path.read_text():
+                bad.append(f"{module_name(path)} calls make_train_step")
+    assert not bad, bad

@@ -78,7 +78,10 @@ def test_run_once_reads_a_finished_run(tmp_path):
 def test_config_json_records_the_model_built(tmp_path):
     """Issue 17 #16: a run from init_from records the loaded model, not the scratch default."""
     from fft.models import presets
-    from fft.train.loop import _write_run_files
+    from fft.train.run_files import recorded_config, write_run_files
+
+    def _write_run_files(c, w, tok, mc):
+        write_run_files(recorded_config(c, mc), w, tok, mc)
 
     c = config_lib.load_config(os.path.join(REPO, "configs", "domain.py"))
     assert c.model.preset == "micro"  # the scratch default, unused with init_from

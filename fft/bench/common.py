@@ -1,5 +1,6 @@
 """What every benchmark shares: JSON lines, timing statistics, the in-process matmul peak,
-peak host memory, model FLOPs, and the fft train step exactly as `fft.train.loop` builds it.
+peak host memory, model FLOPs, and the fft train step exactly as the Trainer assembles it
+(`fft.train.trainer.prepare`).
 
 Figures follow /work/shared/BENCHMARKS.md and the peer scripts (`jax_ref.py`, `hf_torch.py`):
 a timed quantity is the median over steps (min/max beside it), the matmul peak is the best of 10
@@ -210,7 +211,7 @@ def synthetic_tokenizer(vocab_size: int, n_docs: int = 2000, seed: int = 0):
 
 
 # =============================================================================================
-# The fft train step, as fft.train.loop builds it
+# The fft train step, as the Trainer assembles it (fft.train.trainer.prepare)
 # =============================================================================================
 
 
@@ -224,28 +225,29 @@ def default_optim(**kw) -> dict:
     return o
 
 
-def train_state_fns(build_model: Callable, trainable, optim: dict, steps: int, seed: int = 0):
-    """`(graphdef, abstract TrainState, init_state, tx, schedule)` as fft.train.loop makes them:
-    the optimizer state exists for the trainable params only."""
+def prepare_step(build_model, loss_fn, trainable, optim: dict, steps: int, *, grad_accum=1,
+                 seed=0):  # fmt: skip
+    """The Trainer's own step assembly (`fft.train.trainer.prepare`) for `build_model()` on
+    one device: what the bench times is what trains."""
     from flax import nnx
 
-    from fft.train import optim as optim_lib
-    from fft.train.state import TrainState, split_model
+    from fft import sharding
+    from fft.train import trainer
+    from fft.train.recipe import ModelSpec, Recipe
 
-    graphdef, abs_params, _ = split_model(nnx.eval_shape(build_model), trainable)
-    tx, schedule = optim_lib.make_optimizer(optim, steps, abs_params)
-
-    def init_state():
-        _, params, frozen = split_model(build_model(), trainable)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            frozen=frozen,
-            opt_state=tx.init(params),
-            rng=jax.random.fold_in(jax.random.key(seed), 1),
-        )
-
-    return graphdef, jax.eval_shape(init_state), init_state, tx, schedule
+    recipe = Recipe(
+        method="bench",
+        model=ModelSpec(build_model),
+        loss_fn=loss_fn,
+        train_data=lambda ctx: iter(()),
+        batch_spec=lambda n: {},
+        trainable=nnx.Param if trainable is None else trainable,
+    )
+    loop = trainer.LoopConfig(steps=steps, batch_size=1, seed=seed, optim=optim,
+                              grad_accum=grad_accum)  # fmt: skip
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    with sharding.use_mesh(mesh, loop.rules):
+        return trainer.prepare(recipe, loop, mesh)
 
 
 def param_counts(abstract_state) -> tuple[int, int]:
@@ -278,20 +280,13 @@ class FFTTrainer:
         grad_accum: int = 1,
         seed: int = 0,
     ):
-        from flax import nnx
-
-        from fft.train.step import make_train_step
-
-        trainable = nnx.Param if trainable is None else trainable
-        graphdef, abstract, init_state, tx, schedule = train_state_fns(
-            build_model, trainable, optim or default_optim(), steps, seed
-        )
-        self.graphdef = graphdef
-        self.abstract_state = abstract
-        self.n_trainable, self.n_params = param_counts(abstract)
-        self.state = jax.jit(init_state)()
-        step_fn = make_train_step(graphdef, loss_fn, tx, grad_accum=grad_accum, schedule=schedule)
-        self._jitted = jax.jit(step_fn, donate_argnums=0)
+        prep = prepare_step(build_model, loss_fn, trainable, optim or default_optim(), steps,
+                            grad_accum=grad_accum, seed=seed)  # fmt: skip
+        self.graphdef = prep.graphdef
+        self.abstract_state = prep.abstract_state
+        self.n_trainable, self.n_params = param_counts(prep.abstract_state)
+        self.state = jax.jit(prep.init_fn, out_shardings=prep.state_sh)()
+        self._jitted = jax.jit(prep.step_fn, donate_argnums=0)
         self._compiled = None
         self.compile_s = None
 

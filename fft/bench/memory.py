@@ -5,9 +5,9 @@
 Modes, in this order (`MODES`): `full_f32` (every weight trains, f32), `full_bf16_params` (the
 same with bf16 storage), `lora` (f32 frozen base + f32 adapters), `qlora_int8` and `qlora_nf4`
 (the base's block kernels stored as int8 / 4-bit codes with f32 per-block scales; embeddings,
-norms and the LM head stay f32). The TrainState is the one fft.train.loop builds
-(`jax.eval_shape` of the real init: params, frozen weights, AdamW state for the trainable part
-only), so nothing is allocated unless `--allocate` asks for it (then the process's peak RSS is
+norms and the LM head stay f32). The TrainState is the one the Trainer assembles
+(`fft.train.trainer.prepare`; `jax.eval_shape` of the real init: params, frozen weights,
+AdamW state for the trainable part only), so nothing is allocated unless `--allocate` asks for it (then the process's peak RSS is
 reported per mode).
 """
 
@@ -62,7 +62,8 @@ def run_memory(args) -> None:
         rank = args.lora_rank if rank is None else rank
         cfg = base.replace(**overrides)
         build, trainable = common.lm_builder(cfg, lora_rank=rank)
-        _, abstract, init_state, _, _ = common.train_state_fns(build, trainable, optim, 1000)
+        prep = common.prepare_step(build, None, trainable, optim, 1000)
+        abstract = prep.abstract_state
         n_train, _ = common.param_counts(abstract)
         b = _state_bytes(abstract)
         b["block_kernel_bytes"] = _quantized_kernel_bytes(abstract)
@@ -81,7 +82,7 @@ def run_memory(args) -> None:
             emit(key, value, "bytes", **settings)
         if args.allocate:
             before = common.peak_rss_bytes()
-            state = jax.block_until_ready(jax.jit(init_state)())
+            state = jax.block_until_ready(jax.jit(prep.init_fn)())
             emit("peak_memory_bytes", common.peak_rss_bytes(), "bytes",
                  what="peak host RSS (ru_maxrss) after allocating this state; monotone over the "
                  "process, so modes are in increasing-size order only by chance",

@@ -37,7 +37,8 @@ from fft.data import pipeline, sources
 from fft.data.synthetic import World
 from fft.eval import facts as facts_eval
 from fft.eval import perplexity
-from fft.train import lm, loop
+from fft.train import lm
+from fft.train.recipe import Recipe, lm_batch_spec
 
 # =============================================================================================
 # The stream directory: era shards (written here when the method is the producer)
@@ -302,8 +303,9 @@ def build_train_data(config, workdir: str, world: World, tokenizer) -> EraIterat
     )  # fmt: skip
 
 
-def run(config, workdir: str) -> dict:
-    """Trains through `continual.eras` eras of streamed shards; returns the results dict."""
+def recipe(config, workdir=None, *, base: lm.Base | None = None) -> Recipe:
+    """The continual pre-training Recipe: `continual.eras` eras of streamed shards."""
+    del workdir  # the stream and eras.json live in the run's workdir (Context.workdir)
     c = config.continual
     if c.replay < 0 or c.general < 0 or c.replay + c.general >= 1:
         raise config_lib.ConfigError(
@@ -317,29 +319,41 @@ def run(config, workdir: str) -> dict:
         raise config_lib.ConfigError(f"config.steps={config.steps} < continual.eras={c.eras}.")
     if config.optim.schedule == "rewarm" and not config.optim.rewarm_steps:
         config.optim.rewarm_steps = tuple(e * steps_per_era for e in range(1, c.eras))
-    base = lm.load_base(config)
+    base = base or lm.load_base(config)
     tokenizer = base.tokenizer
-    train_data = build_train_data(config, workdir, world, tokenizer)
     with config.unlocked():
         config.eval_every = steps_per_era  # an eval at the end of every era
-    results = loop.train(
-        config,
-        workdir,
+    built: dict[str, EraIterator] = {}
+
+    def train_data(ctx):
+        built["workdir"] = ctx.workdir
+        built["it"] = build_train_data(config, ctx.workdir, world, tokenizer)
+        return built["it"]
+
+    def evaluate(ctx):
+        return _make_evaluate(config, world, tokenizer, built["it"], ctx.workdir)
+
+    def finalize(results: dict) -> dict:
+        rows = _era_rows(built.get("workdir"))
+        return {"eras": rows} if rows is not None else {}
+
+    return Recipe(
         method="continual",
-        build_model=lm.model_builder(base.model_config, config),
+        model=lm.model_spec(base, config),
         loss_fn=lm.next_token_loss_fn(),
         train_data=train_data,
-        evaluate=_make_evaluate(config, world, tokenizer, train_data, workdir),
+        batch_spec=lm_batch_spec(config.seq_len),
+        evaluate=evaluate,
         trainable=lm.trainable_filter(config),
-        load_weights=base.load_weights,
         tokenizer=tokenizer,
-        model_config=base.model_config,
+        finalize=finalize,
     )
-    eras_path = os.path.join(workdir, "eras.json")
-    if os.path.exists(eras_path) and not results.get("preempted"):
-        with open(eras_path) as f:
-            results["eras"] = json.load(f)
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, "results.json"), "w") as f:
-                json.dump(results, f, indent=2, default=str)
-    return results
+
+
+def _era_rows(workdir) -> dict | None:
+    """The per-era eval rows of eras.json (this method's own file), or None."""
+    path = os.path.join(workdir, "eras.json") if workdir else None
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

@@ -33,7 +33,8 @@ from fft import config_lib, sharding, tokenizers
 from fft.data import pipeline, sources
 from fft.data.synthetic import World
 from fft.models.transformer import Transformer
-from fft.train import lm, loop, losses
+from fft.train import lm, losses
+from fft.train.recipe import ModelSpec, Recipe, lm_batch_spec
 
 # =============================================================================================
 # Data
@@ -121,15 +122,23 @@ def extend_params(flat: dict[str, np.ndarray], subs: dict[int, list[int]],
     inputs made of old ids the old logits are exactly the same.
     """
     out = dict(flat)
+    new_ids = np.asarray(sorted(subs), np.int32)
+    width = max((len(v) for v in subs.values()), default=1)
+    ids = np.zeros((len(new_ids), width), np.int32)
+    mask = np.zeros((len(new_ids), width), np.float32)
+    for r, i in enumerate(new_ids):
+        ids[r, : len(subs[int(i)])] = subs[int(i)]
+        mask[r, : len(subs[int(i)])] = 1.0
     for name, axis in (("embed.embedding", 0), ("lm_head.kernel", 1)):
         if name not in flat:
             continue  # tied embeddings: the output layer is the embedding
-        w = np.moveaxis(np.asarray(flat[name]), axis, 0)
-        grown = np.zeros((new_vocab,) + w.shape[1:], w.dtype)
-        grown[: w.shape[0]] = w
-        for i, ids in subs.items():
-            grown[i] = w[np.asarray(ids)].mean(axis=0)
-        out[name] = np.moveaxis(grown, 0, axis)
+        # jnp on the (sharded) loaded arrays: the rows grow on the devices, never on one host.
+        w = jnp.moveaxis(jnp.asarray(flat[name]), axis, 0)
+        grown = jnp.zeros((new_vocab,) + w.shape[1:], w.dtype).at[: w.shape[0]].set(w)
+        if len(new_ids):
+            means = (w[ids] * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+            grown = grown.at[new_ids].set(means.astype(w.dtype))
+        out[name] = jnp.moveaxis(grown, 0, axis)
     return out
 
 
@@ -137,10 +146,15 @@ def _extended_loader(base: lm.Base, old_cfg, subs, new_vocab: int):
     """A `load_weights` that reads the base at its own vocab size, then grows the vocab rows."""
 
     def load_weights(abstract_state, shardings=None):
-        del shardings  # the loop re-places what this returns with the state's shardings
+        # The base is read at its own vocabulary size, sharded like the run's model (the
+        # Trainer re-places what this returns with the state's shardings).
         old_abstract = nnx.state(nnx.eval_shape(lambda: Transformer(old_cfg, rngs=nnx.Rngs(0))))
-        loaded = base.load_weights(old_abstract, None)
-        flat = {".".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(loaded)}
+        active = sharding.current()
+        old_sh = None
+        if shardings is not None and active is not None:
+            old_sh = sharding.state_shardings(old_abstract, active[0], tuple(active[1].items()))
+        loaded = base.load_weights(old_abstract, old_sh)
+        flat = {".".join(map(str, p)): v.value for p, v in nnx.to_flat_state(loaded)}
         flat = extend_params(flat, subs, new_vocab)
         leaves = {}
         for path, var in nnx.to_flat_state(abstract_state):
@@ -155,8 +169,8 @@ def _extended_loader(base: lm.Base, old_cfg, subs, new_vocab: int):
 def _extend_vocab(config, workdir, base: lm.Base, domain_texts):
     """(tokenizer, model_config, load_weights, subs) with the domain pieces added."""
     old_tok = base.tokenizer
-    saved = os.path.join(workdir, "tokenizer")
-    if os.path.isdir(saved):  # a resumed run: the tokenizer it started with
+    saved = os.path.join(workdir, "tokenizer") if workdir else ""
+    if saved and os.path.isdir(saved):  # a resumed run: the tokenizer it started with
         new_tok = tokenizers.load_tokenizer(saved)
     else:
         v = config.domain.vocab
@@ -234,10 +248,11 @@ def _fits(texts, toks, seq_len: int) -> list[str]:
 # =============================================================================================
 
 
-def run(config, workdir: str) -> dict:
-    """Continues training `config.init_from` on a domain corpus; returns the results dict."""
+def recipe(config, workdir=None, *, base: lm.Base | None = None) -> Recipe:
+    """The domain-adaptation Recipe: continued training of `config.init_from` on a domain
+    corpus (general text replayed), optionally with new domain tokens."""
     d = config.domain
-    if not config.init_from:
+    if not config.init_from and base is None:
         raise config_lib.ConfigError(
             "config.init_from is empty: domain adaptation continues a pretrained model; give "
             "'fft:tiny', an fft workdir or a local HF model directory."
@@ -245,10 +260,14 @@ def run(config, workdir: str) -> dict:
     if not 0.0 <= d.replay < 1.0:
         raise config_lib.ConfigError(f"config.domain.replay={d.replay} must be in [0, 1).")
     corpora = _corpora(config)
-    base = lm.load_base(config)
-    tokenizer, model_config, load_weights, subs = base.tokenizer, base.model_config, None, {}
-    load_weights = base.load_weights
-    if d.vocab.extend:
+    base = base or lm.load_base(config)
+    tokenizer, model_config, load_weights, subs = (
+        base.tokenizer,
+        base.model_config,
+        base.load_weights,
+        {},
+    )
+    if d.vocab.extend and base.tokenizer is not None:
         tokenizer, model_config, load_weights, subs = _extend_vocab(
             config, workdir, base, corpora["domain_train"]
         )
@@ -256,16 +275,51 @@ def run(config, workdir: str) -> dict:
               f"(+{len(subs)} domain pieces)", flush=True)  # fmt: skip
 
     # ---- train data: domain + replay of general text --------------------------------------
-    encode = lm.text_encoder(tokenizer, config.seq_len, truncation="split")
-    train_data = pipeline.make_train_iterator(
-        [[{"text": t} for t in corpora["domain_train"]],
-         [{"text": t} for t in corpora["general_train"]]],
-        encode, seq_len=config.seq_len, batch_size=config.batch_size,
-        packing=config.data.packing, shuffle=config.data.shuffle, seed=config.seed,
-        weights=[1.0 - d.replay, d.replay],
-    )  # fmt: skip
+    def train_data(ctx):
+        encode = lm.text_encoder(tokenizer, config.seq_len, truncation="split")
+        return pipeline.make_train_iterator(
+            [[{"text": t} for t in corpora["domain_train"]],
+             [{"text": t} for t in corpora["general_train"]]],
+            encode, seq_len=config.seq_len, batch_size=config.batch_size,
+            packing=config.data.packing, shuffle=config.data.shuffle, seed=config.seed,
+            weights=[1.0 - d.replay, d.replay], shard_index=ctx.shard.index,
+            shard_count=ctx.shard.count,
+        )  # fmt: skip
 
-    # ---- evals ----------------------------------------------------------------------------
+    model = ModelSpec(lm.model_builder(model_config, config), load_weights, model_config)
+    extras = {"eval_docs": {}, "base": {}}
+
+    def evaluate(ctx):
+        return _make_evaluate(config, ctx, base, tokenizer, corpora, bool(subs), extras)
+
+    def finalize(results: dict) -> dict:
+        out = {
+            "eval_docs": extras["eval_docs"],
+            "ppl_unit": "per word (whole documents; *_bpb per byte, *_token_ppl per token)",
+        }
+        if subs:
+            out["vocab"] = {"old": base.tokenizer.vocab_size, "new": tokenizer.vocab_size}
+            if extras["base"]:
+                out["base"] = extras["base"]
+        return out
+
+    return Recipe(
+        method="domain",
+        model=model,
+        loss_fn=lm.next_token_loss_fn(),
+        train_data=train_data,
+        batch_spec=lm_batch_spec(config.seq_len),
+        evaluate=evaluate,
+        trainable=lm.trainable_filter(config),
+        tokenizer=tokenizer,
+        finalize=finalize,
+    )
+
+
+def _make_evaluate(config, ctx, base, tokenizer, corpora, extended: bool, extras: dict):
+    """`evaluate(model)`: domain and general perplexity of whole documents; with new tokens,
+    the base's own numbers once (`extras['base']`, kept in eval_base.json across restarts)."""
+    d, workdir = config.domain, ctx.workdir
     toks = [base.tokenizer, tokenizer]
     eval_texts = {
         k: _fits(corpora[f"{k}_eval"], toks, d.eval_seq_len) for k in ("domain", "general")
@@ -275,22 +329,23 @@ def run(config, workdir: str) -> dict:
             raise config_lib.ConfigError(
                 f"no {k} eval document fits domain.eval_seq_len={d.eval_seq_len} tokens; raise it."
             )
+    extras["eval_docs"] = {k: len(t) for k, t in eval_texts.items()}
     sets = {
         k: DocSet(t, tokenizer, d.eval_seq_len, config.batch_size) for k, t in eval_texts.items()
     }
     base_sets = None
-    if subs:  # the base model with its own tokenizer: the real starting point
+    if extended:  # the base model with its own tokenizer: the real starting point
         base_sets = {
             k: DocSet(t, base.tokenizer, d.eval_seq_len, config.batch_size)
             for k, t in eval_texts.items()
         }
     # Base metrics are measured once, on a fresh start (a resumed run reads them back).
     base_path = os.path.join(workdir, "eval_base.json")
-    base_metrics: dict[str, float] = {}
+    base_metrics: dict[str, float] = extras["base"]
     if base_sets is not None and os.path.exists(base_path):
         with open(base_path) as f:
-            base_metrics = json.load(f)
-    elif os.path.exists(os.path.join(workdir, "eval_before.json")):
+            base_metrics.update(json.load(f))
+    elif not ctx.fresh:
         base_sets = None  # resumed past the start without them: nothing exact to measure
 
     def evaluate(model) -> dict:
@@ -310,26 +365,4 @@ def run(config, workdir: str) -> dict:
                     json.dump(base_metrics, f)
         return out
 
-    results = loop.train(
-        config,
-        workdir,
-        method="domain",
-        build_model=lm.model_builder(model_config, config),
-        loss_fn=lm.next_token_loss_fn(),
-        train_data=train_data,
-        evaluate=evaluate,
-        trainable=lm.trainable_filter(config),
-        load_weights=load_weights,
-        tokenizer=tokenizer,
-        model_config=model_config,
-    )
-    results["eval_docs"] = {k: len(t) for k, t in eval_texts.items()}
-    results["ppl_unit"] = "per word (whole documents; *_bpb per byte, *_token_ppl per token)"
-    if subs:
-        results["vocab"] = {"old": base.tokenizer.vocab_size, "new": tokenizer.vocab_size}
-        if base_metrics:
-            results["base"] = base_metrics
-    if not results.get("preempted") and jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2, default=str)
-    return results
+    return evaluate

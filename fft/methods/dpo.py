@@ -30,7 +30,8 @@ from fft.data.synthetic import World
 from fft.rl import evals, objectives
 from fft.rl import rewards as rewards_lib
 from fft.rl import tasks as tasks_lib
-from fft.train import lm, loop, losses
+from fft.train import lm, losses
+from fft.train.recipe import Recipe, lm_batch_spec
 
 SIDES = ("chosen", "rejected")
 FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
@@ -246,47 +247,62 @@ def _cached_reference(path, key: str, compute) -> dict[str, np.ndarray]:
     return ref
 
 
-def run(config, workdir: str) -> dict:
-    """Trains a policy with DPO / IPO; returns the results dict."""
+def recipe(config, workdir=None, *, base: lm.Base | None = None) -> Recipe:
+    """The DPO / IPO Recipe: pairs from `dpo.prompts`, reference log-probs computed once (and
+    cached in the workdir) from the starting weights."""
+    del workdir
     c = config.dpo
     tasks_lib.check(c.prompts, "dpo.prompts", ("instructions", "reviews"))
     world = tasks_lib.world(c.world_seed)
-    base = lm.load_base(config)
+    base = base or lm.load_base(config)
     tokenizer = base.tokenizer
-    rows = encode_rows(pair_records(config, world), tokenizer, config.seq_len)
-    reference = evals.reference_model(base.model_config, base.load_weights)
-    ref = _cached_reference(
-        os.path.join(workdir, "dpo_reference.npz"),
-        reference_key(rows, reference),
-        lambda: reference_logprobs(reference, rows),
-    )
-    rows.update(ref)
-    print(f"[dpo] {len(rows['chosen_tokens'])} pairs.", flush=True)
-
-    eval_records = tasks_lib.prompts(world, c.prompts, "test", c.eval_prompts)
     lora = config.lora.rank > 0
-    evaluate = evals.make_evaluate(
-        eval_records,
-        tasks_lib.prompt_format(c.prompts),
-        tokenizer,
-        prompt_len=config.seq_len - c.max_new_tokens,
-        max_new_tokens=c.max_new_tokens,
-        ref_model=None if lora else reference,  # LoRA: the policy with adapters off
-        true_reward_fn=rewards_lib.code_reward_fn(tasks_lib.REWARDS[c.prompts][1]),
-        seed=config.seed + 1,
+    # Full fine-tuning: the reference is a second (sharded) copy of the start; LoRA: the policy
+    # itself with its adapters off (no second copy).
+    extra = (
+        {} if lora else {"reference": evals.reference_spec(base.model_config, base.load_weights)}
     )
-    if lora:
-        del reference  # training itself never needs it
-    return loop.train(
-        config,
-        workdir,
+
+    def reference(ctx):
+        return evals.without_adapters(ctx.policy()) if lora else ctx.model("reference")
+
+    def train_data(ctx):
+        rows = encode_rows(pair_records(config, world), tokenizer, config.seq_len)
+        ref_model = reference(ctx)
+        rows.update(_cached_reference(
+            os.path.join(ctx.workdir, "dpo_reference.npz"),
+            reference_key(rows, ref_model),
+            lambda: reference_logprobs(ref_model, rows),
+        ))  # fmt: skip
+        print(f"[dpo] {len(rows['chosen_tokens'])} pairs.", flush=True)
+        return RowStream(rows, config.batch_size, seed=config.seed,
+                         process_index=ctx.shard.index, process_count=ctx.shard.count)  # fmt: skip
+
+    def evaluate(ctx):
+        return evals.make_evaluate(
+            tasks_lib.prompts(world, c.prompts, "test", c.eval_prompts),
+            tasks_lib.prompt_format(c.prompts),
+            tokenizer,
+            prompt_len=config.seq_len - c.max_new_tokens,
+            max_new_tokens=c.max_new_tokens,
+            ref_model=None if lora else ctx.model("reference"),  # LoRA: adapters off
+            true_reward_fn=rewards_lib.code_reward_fn(tasks_lib.REWARDS[c.prompts][1]),
+            seed=config.seed + 1,
+        )
+
+    return Recipe(
         method="dpo",
-        build_model=lm.model_builder(base.model_config, config),
+        model=lm.model_spec(base, config),
         loss_fn=make_loss_fn(c.loss, c.beta, c.label_smoothing),
-        train_data=RowStream(rows, config.batch_size, seed=config.seed),
+        train_data=train_data,
+        batch_spec=lm_batch_spec(
+            config.seq_len,
+            ("ref_chosen_logp", (), jnp.float32),
+            ("ref_rejected_logp", (), jnp.float32),
+            prefixes=tuple(f"{side}_" for side in SIDES),
+        ),
         evaluate=evaluate,
         trainable=lm.trainable_filter(config),
-        load_weights=base.load_weights,
         tokenizer=tokenizer,
-        model_config=base.model_config,
+        extra_models=extra,
     )

@@ -2,7 +2,7 @@
 
     python -m fft.main --config=configs/instruction.py --workdir=runs/instruction
 
-The recipe, in the shape of every method (data + loss + evals, then `fft.train.loop.train`):
+The recipe, in the shape of every method (data + loss + evals as a `fft.train.recipe.Recipe`):
 
   data   instruction {instruction, input?, output}, chat {messages}, or prompt_completion
          records: the synthetic suite (`World.instruction_data` / `chat_data`) or the user's
@@ -31,7 +31,8 @@ from fft.config_lib import ConfigError
 from fft.data import pipeline, sources
 from fft.data.synthetic import World
 from fft.eval import generation, perplexity
-from fft.train import lm, loop
+from fft.train import lm
+from fft.train.recipe import Recipe, lm_batch_spec
 
 FORMATS = ("instruction", "chat", "prompt_completion")
 
@@ -86,30 +87,32 @@ def _check(config) -> None:
 # =============================================================================================
 
 
-def _sample_writer(config, workdir: str):
+def _sample_writer(config, workdir, fresh: bool):
     """Writes the first predictions of an eval to samples.jsonl (read by `fft.report`).
 
-    With `eval_every = 0` the loop evaluates exactly before (step 0) and after (the last step);
-    the first call of a fresh run is the former.
+    With `eval_every = 0` the Trainer evaluates exactly before (step 0, on a fresh start) and
+    after (the last step).
     """
-    path = os.path.join(workdir, "samples.jsonl")
     n = int(config.instruction.samples)
+    calls = [0]
 
     def write(rows: list[dict]) -> None:
-        if not n or config.eval_every or jax.process_index() != 0:
+        first = calls[0] == 0 and fresh
+        calls[0] += 1
+        if not n or not workdir or config.eval_every or jax.process_index() != 0:
             return
-        fresh = not os.path.exists(os.path.join(workdir, "eval_before.json"))
-        step = 0 if fresh else int(config.steps)
+        step = 0 if first else int(config.steps)
         os.makedirs(workdir, exist_ok=True)
-        with open(path, "w" if fresh else "a") as f:
+        with open(os.path.join(workdir, "samples.jsonl"), "w" if first else "a") as f:
             for row in rows[:n]:
                 f.write(json.dumps({"step": step, **row}) + "\n")
 
     return write
 
 
-def make_evaluate(config, workdir: str, tokenizer, eval_records: list[dict]):
-    """`evaluate(model) -> {exact_match, exact_match/<task>, loss, ppl}` on held-out records."""
+def make_evaluate(config, tokenizer, eval_records: list[dict], on_predictions=None):
+    """`evaluate(model) -> {exact_match, exact_match/<task>, loss, ppl}` on held-out records;
+    `on_predictions(rows)` sees each eval's predictions."""
     c, fmt = config.instruction, config.data.format
     template = config.data.template or None
     # Response perplexity: the same encoding as training, loss on the response only.
@@ -132,7 +135,7 @@ def make_evaluate(config, workdir: str, tokenizer, eval_records: list[dict]):
         batch_size=c.eval_batch_size,
         max_new_tokens=c.max_new_tokens,
         max_prompt_len=max(config.seq_len - 8, 8),
-        on_predictions=_sample_writer(config, workdir),
+        on_predictions=on_predictions,
     )
 
     def evaluate(model) -> dict[str, float]:
@@ -146,13 +149,14 @@ def make_evaluate(config, workdir: str, tokenizer, eval_records: list[dict]):
 # =============================================================================================
 
 
-def train_iterator(config, tokenizer, records):
+def train_iterator(config, tokenizer, records, shard=None):
     """Packed (or padded) training Batches of `records`, loss on the responses only.
 
     Args:
       config: the run config (seq_len, batch_size, seed, data.*).
       tokenizer: the base model's tokenizer.
       records: a random-access source or a list of records in `config.data.format`.
+      shard: this process's DataShard (default: the running process's).
 
     Returns:
       A `fft.data.pipeline.DataIterator`; its `stats` (truncated, dropped_too_long,
@@ -177,31 +181,37 @@ def train_iterator(config, tokenizer, records):
         seed=config.seed,
         pad_id=max(tokenizer.pad_id, 0),
         on_bad_record=config.data.on_bad_record,
+        shard_index=shard.index if shard else None,
+        shard_count=shard.count if shard else None,
     )
 
 
-def run(config, workdir: str) -> dict:
-    """Instruction-tunes `config.init_from`; returns the results dict (also results.json)."""
+def recipe(config, workdir=None, *, base: lm.Base | None = None) -> Recipe:
+    """The instruction-tuning Recipe of `config.init_from` (or `base`)."""
+    del workdir
     _check(config)
     c = config.instruction
-    base = lm.load_base(config)
-    train_records = _records(config, config.data.train, "train", c.train_examples)
-    train_data = train_iterator(config, base.tokenizer, train_records)
-    n_eval = c.eval_examples
-    eval_records = _eval_records(_records(config, config.data.eval, "test", n_eval), n_eval)
-    if not eval_records:
-        raise ConfigError(f"config.data.eval={config.data.eval!r} holds no readable records.")
+    base = base or lm.load_base(config)
 
-    return loop.train(
-        config,
-        workdir,
+    def train_data(ctx):
+        records = _records(config, config.data.train, "train", c.train_examples)
+        return train_iterator(config, base.tokenizer, records, ctx.shard)
+
+    def evaluate(ctx):
+        n_eval = c.eval_examples
+        eval_records = _eval_records(_records(config, config.data.eval, "test", n_eval), n_eval)
+        if not eval_records:
+            raise ConfigError(f"config.data.eval={config.data.eval!r} holds no readable records.")
+        writer = _sample_writer(config, ctx.workdir, ctx.fresh)
+        return make_evaluate(config, base.tokenizer, eval_records, on_predictions=writer)
+
+    return Recipe(
         method="instruction",
-        build_model=lm.model_builder(base.model_config, config),
+        model=lm.model_spec(base, config),
         loss_fn=lm.next_token_loss_fn(),
         train_data=train_data,
-        evaluate=make_evaluate(config, workdir, base.tokenizer, eval_records),
+        batch_spec=lm_batch_spec(config.seq_len),
+        evaluate=evaluate,
         trainable=lm.trainable_filter(config),
-        load_weights=base.load_weights,
         tokenizer=base.tokenizer,
-        model_config=base.model_config,
     )

@@ -13,6 +13,7 @@ Recipe:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -23,7 +24,8 @@ from fft.data.synthetic import World
 from fft.models.transformer import Transformer
 from fft.rl import objectives
 from fft.rl import rewards as rewards_lib
-from fft.train import lm, loop
+from fft.train import lm
+from fft.train.recipe import ModelSpec, Recipe, lm_batch_spec, token_fields
 from fft.train.state import trainable_filter_from_config
 
 FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
@@ -118,61 +120,84 @@ def make_evaluate(pair_batches):
     return evaluate
 
 
-def run(config, workdir: str) -> dict:
-    """Trains a reward model; returns the results dict."""
+def recipe(config, workdir=None, *, base: lm.Base | None = None) -> Recipe:
+    """The reward-model Recipe: a scalar head on `config.init_from`, trained on rankings or
+    preference pairs."""
+    del workdir
     c = config.reward
     world = World(c.world_seed)
-    base = lm.load_base(config)
+    base = base or lm.load_base(config)
     tokenizer = base.tokenizer
-    pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
-    if config.data.train:
-        records = sources.open_source(config.data.train, on_bad_record=config.data.on_bad_record)
-        fmt = config.data.format
-        if fmt not in ("ranking", "preference"):
-            raise config_lib.ConfigError(
-                f"config.data.format={fmt!r}: a reward model trains on 'ranking' or 'preference'."
-            )
-        if fmt == "ranking":  # fft.label's file: undone and skipped judgements left out
-            records = labels.for_training(records)
-    else:
-        records, fmt = (
-            world.preference_data("train", c.train_records, k=c.k, noise=c.noise),
-            "ranking",
+    fmt = config.data.format if config.data.train else "ranking"
+    if config.data.train and fmt not in ("ranking", "preference"):
+        raise config_lib.ConfigError(
+            f"config.data.format={fmt!r}: a reward model trains on 'ranking' or 'preference'."
         )
-    if config.data.eval:
-        eval_records = sources.open_source(config.data.eval)
-    else:  # noise-free judge pairs: accuracy against the true preference
-        eval_records = world.pairwise_data("test", c.eval_pairs, noise=0.0)
+    pad = lambda: tokenizer.pad_id if tokenizer.pad_id >= 0 else 0  # noqa: E731
 
-    # A list of sources is a mixture: one source here, so wrap it.
-    train_data = pipeline.make_train_iterator(
-        [records],
-        pipeline.make_encoder(fmt, tokenizer, max_len=config.seq_len),
-        seq_len=config.seq_len,
-        batch_size=config.batch_size,
-        packing=False,  # one ranking / pair per row
-        shuffle=config.data.shuffle,
-        seed=config.seed,
-        pad_id=pad,
-        on_bad_record=config.data.on_bad_record,
-    )
-    eval_batches = pipeline.make_eval_batches(
-        [eval_records],
-        pipeline.make_encoder("preference", tokenizer, max_len=config.seq_len),
-        seq_len=config.seq_len,
-        batch_size=config.batch_size,
-        pad_id=pad,
-    )
-    return loop.train(
-        config,
-        workdir,
+    def train_data(ctx):
+        if config.data.train:
+            records = sources.open_source(
+                config.data.train, on_bad_record=config.data.on_bad_record
+            )
+            if fmt == "ranking":  # fft.label's file: undone and skipped judgements left out
+                records = labels.for_training(records)
+        else:
+            records = world.preference_data("train", c.train_records, k=c.k, noise=c.noise)
+        # A list of sources is a mixture: one source here, so wrap it.
+        return pipeline.make_train_iterator(
+            [records],
+            pipeline.make_encoder(fmt, tokenizer, max_len=config.seq_len),
+            seq_len=config.seq_len,
+            batch_size=config.batch_size,
+            packing=False,  # one ranking / pair per row
+            shuffle=config.data.shuffle,
+            seed=config.seed,
+            pad_id=pad(),
+            on_bad_record=config.data.on_bad_record,
+            shard_index=ctx.shard.index,
+            shard_count=ctx.shard.count,
+        )
+
+    def evaluate(ctx):
+        del ctx
+        if config.data.eval:
+            eval_records = sources.open_source(config.data.eval)
+        else:  # noise-free judge pairs: accuracy against the true preference
+            eval_records = world.pairwise_data("test", c.eval_pairs, noise=0.0)
+        eval_batches = pipeline.make_eval_batches(
+            [eval_records],
+            pipeline.make_encoder("preference", tokenizer, max_len=config.seq_len),
+            seq_len=config.seq_len,
+            batch_size=config.batch_size,
+            pad_id=pad(),
+        )
+        return make_evaluate(eval_batches)
+
+    return Recipe(
         method="reward",
-        build_model=builder(base.model_config, config),
+        model=ModelSpec(builder(base.model_config, config), base.load_weights, base.model_config),
         loss_fn=make_loss_fn(c.loss, c.margin, c.centering),
         train_data=train_data,
-        evaluate=make_evaluate(eval_batches),
+        batch_spec=batch_spec(config, fmt),
+        evaluate=evaluate,
         trainable=trainable(config),
-        load_weights=base.load_weights,
         tokenizer=tokenizer,
-        model_config=base.model_config,
     )
+
+
+def batch_spec(config, fmt: str):
+    """The global batch of ranking (`cand_*` [B, K, T], `ranks` [B, K]) or pair
+    (`chosen_*`, `rejected_*` [B, T]) rows."""
+    if fmt == "preference":
+        return lm_batch_spec(config.seq_len, prefixes=("chosen_", "rejected_"))
+    k, t = int(config.reward.k), int(config.seq_len)
+
+    def spec(batch: int) -> dict:
+        out = {
+            n: jax.ShapeDtypeStruct((batch, k, t), dt) for n, dt in token_fields("cand_").items()
+        }
+        out["ranks"] = jax.ShapeDtypeStruct((batch, k), jnp.int32)
+        return out
+
+    return spec

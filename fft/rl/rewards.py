@@ -26,6 +26,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -35,6 +36,7 @@ from fft.data.synthetic import World
 from fft.models.config import ModelConfig
 from fft.models.heads import ScalarHead
 from fft.models.transformer import Transformer
+from fft.train.recipe import ModelSpec
 
 RewardFn = Callable[[Sequence[dict], dict, Sequence[str]], np.ndarray]
 
@@ -74,32 +76,42 @@ def _scores_jit(model, tokens, positions, segment_ids):
     return sequence_scores(model, tokens, positions, segment_ids)
 
 
-def load_reward_model(workdir: str) -> tuple[nnx.Module, object]:
-    """Loads a reward model trained by `fft.methods.reward` (LoRA folded in).
+def reward_model_spec(workdir: str) -> tuple[ModelSpec, object]:
+    """A reward model trained by `fft.methods.reward` (LoRA folded in), as a ModelSpec the
+    Trainer places sharded, and its tokenizer.
 
     Args:
       workdir: the reward run's workdir (model.json, tokenizer/, checkpoints/).
 
     Returns:
-      (model with `reward_head`, its tokenizer).
+      (ModelSpec of the model with `reward_head`, its tokenizer).
     """
     if not os.path.exists(os.path.join(workdir, "model.json")):
         raise FFTError(f"reward model {workdir!r}: no model.json; give a `reward` method workdir.")
     with open(os.path.join(workdir, "model.json")) as f:
         model_config = ModelConfig.from_dict(json.load(f))
     spec = pretrained.load_spec(workdir)
-    flat = pretrained.read_fft_params(workdir)
-    if not any(k.startswith(REWARD_HEAD + ".") for k in flat):
-        raise FFTError(f"{workdir!r} has no {REWARD_HEAD}: is it a reward-model workdir?")
 
     def build():
         return attach_reward_head(Transformer(model_config, rngs=nnx.Rngs(0)), nnx.Rngs(1))
 
-    abstract = nnx.state(nnx.eval_shape(build))
-    loaded = pretrained.place(flat, abstract, model_config=model_config, source=workdir)
-    model = build()  # real init for any leaf the checkpoint lacks (none for a reward run)
-    nnx.update(model, loaded)
-    return model, spec.tokenizer
+    def load_weights(abstract_state, shardings=None):
+        flat = pretrained.read_fft_params(workdir)
+        if not any(k.startswith(REWARD_HEAD + ".") for k in flat):
+            raise FFTError(f"{workdir!r} has no {REWARD_HEAD}: is it a reward-model workdir?")
+        return pretrained.place(flat, abstract_state, shardings, model_config=model_config,
+                                source=workdir)  # fmt: skip
+
+    return ModelSpec(build, load_weights, model_config), spec.tokenizer
+
+
+def load_reward_model(workdir: str) -> tuple[nnx.Module, object]:
+    """The reward model of `workdir` placed on the default devices, and its tokenizer (for
+    scripts and tests; runs place it through their Trainer's mesh)."""
+    from fft.train.trainer import place_model  # deferred: the Trainer imports rl's users
+
+    spec, tokenizer = reward_model_spec(workdir)
+    return place_model(spec, sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])), tokenizer
 
 
 def reward_model_fn(model: nnx.Module) -> RewardFn:

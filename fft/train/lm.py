@@ -19,6 +19,7 @@ from fft.models.config import VOCAB_MULTIPLE, ModelConfig
 from fft.models.transformer import Transformer
 from fft.tokenizers import Tokenizer
 from fft.train import losses
+from fft.train.recipe import ModelSpec
 from fft.train.state import trainable_filter_from_config
 
 
@@ -134,6 +135,11 @@ def model_builder(model_config: ModelConfig, config) -> Callable[[], nnx.Module]
         return add_lora(Transformer(model_config, rngs=rngs), config, rngs)
 
     return build
+
+
+def model_spec(base: Base, config) -> ModelSpec:
+    """The ModelSpec of the trained decoder: `base`'s architecture and weights, LoRA attached."""
+    return ModelSpec(model_builder(base.model_config, config), base.load_weights, base.model_config)
 
 
 def trainable_filter(config):

@@ -6,12 +6,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from toy_lm import ToyIterator, build, lm_loss
+from toy_lm import ToyIterator, build, lm_loss, train
 from toy_run import config
 
 from fft.metrics import NonFiniteError
 from fft.train import losses
-from fft.train.loop import train
 
 
 def test_train_writes_results_and_improves(tmp_path):
@@ -62,7 +61,7 @@ def test_nan_guard_stops_naming_the_step(tmp_path):
 
 
 def test_changed_settings_on_resume_are_named():
-    from fft.train.loop import _changed_settings
+    from fft.train.run_files import changed_settings as _changed_settings
 
     old = {"batch_size": 16, "optim": {"lr": 1e-3, "b1": 0.9}, "steps": 10}
     new = {"batch_size": 8, "optim": {"lr": 1e-3, "b1": 0.9}, "steps": 10, "seed": 1}
@@ -71,7 +70,8 @@ def test_changed_settings_on_resume_are_named():
 
 def test_data_state_is_kept_per_process():
     from fft.config_lib import ConfigError
-    from fft.train.loop import _gather_data_states, _own_data_state
+    from fft.train.trainer import gather_data_states as _gather_data_states
+    from fft.train.trainer import own_data_state as _own_data_state
 
     state = {"shard": 3, "offset": 17}
     saved = {"data_by_process": _gather_data_states(state)}

@@ -120,3 +120,29 @@ class ToyIterator:
 
     def set_state(self, state):
         self.index = int(state["index"])
+
+
+def train(config, workdir, *, method, build_model, loss_fn, train_data, evaluate=None,
+          model_config=None, trainable=None):  # fmt: skip
+    """Runs the toy LM through the real Trainer as a one-off Recipe (the loop's tests)."""
+    import jax
+    from flax import nnx
+
+    from fft.train import trainer
+    from fft.train.recipe import ModelSpec, Recipe
+
+    probe = make_batch(0, config.batch_size, seed=0)  # the toy batches' fields and dtypes
+
+    def spec(batch: int) -> dict:
+        return {k: jax.ShapeDtypeStruct((batch, *v.shape[1:]), v.dtype) for k, v in probe.items()}
+
+    recipe = Recipe(
+        method=method,
+        model=ModelSpec(build_model, None, model_config),
+        loss_fn=loss_fn,
+        train_data=lambda ctx: train_data,
+        batch_spec=spec,
+        evaluate=(lambda ctx: evaluate) if evaluate is not None else None,
+        trainable=nnx.Param if trainable is None else trainable,
+    )
+    return trainer.fit(config, workdir, recipe)

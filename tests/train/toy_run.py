@@ -1,4 +1,4 @@
-"""Runs fft.train.loop.train on the toy LM; used as a real subprocess by the resume tests.
+"""Runs the Trainer on the toy LM; used as a real subprocess by the resume tests.
 
     python tests/train/toy_run.py WORKDIR STEPS [BLOCK_AT]
 
@@ -18,7 +18,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import ml_collections  # noqa: E402
 
 import fft  # noqa: E402, F401
-from fft.train.loop import train  # noqa: E402
 
 
 def config(steps: int) -> ml_collections.ConfigDict:
@@ -33,7 +32,7 @@ def config(steps: int) -> ml_collections.ConfigDict:
 
 
 def main(workdir, steps, block_at=None):
-    from toy_lm import ToyIterator, build, lm_loss
+    from toy_lm import ToyIterator, build, lm_loss, train
 
     os.makedirs(workdir, exist_ok=True)
     release = os.path.join(workdir, "release")
