@@ -188,7 +188,6 @@ def test_two_processes_match_one_and_checkpoints_cross(tmp_path, monkeypatch):
     resume = str(tmp_path / "resume_in_two")
     os.makedirs(os.path.join(resume, "checkpoints"))
     shutil.copytree(os.path.join(one, "checkpoints", "4"), os.path.join(resume, "checkpoints", "4"))
-    shutil.copy(os.path.join(one, "eval_before.json"), resume)
 
     # Two processes x 4 devices, FSDP over all 8: a fresh run (same schedule: 6 steps), and a
     # resume of the 1-process checkpoint (step 4) up to step 6.

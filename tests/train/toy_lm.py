@@ -131,7 +131,11 @@ def train(config, workdir, *, method, build_model, loss_fn, train_data, evaluate
     from fft.train import trainer
     from fft.train.recipe import ModelSpec, Recipe
 
-    probe = make_batch(0, config.batch_size, seed=0)  # the toy batches' fields and dtypes
+    import copy
+
+    twin = copy.copy(train_data)  # one batch of a copy: the stream's fields and dtypes
+    twin.log_path = twin.hook = None
+    probe = next(twin)
 
     def spec(batch: int) -> dict:
         return {k: jax.ShapeDtypeStruct((batch, *v.shape[1:]), v.dtype) for k, v in probe.items()}
