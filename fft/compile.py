@@ -379,6 +379,11 @@ def format_report(r: dict) -> str:
             else []
         ),
         *(f"    {k + ' model':<19} {_gib(v)}" for k, v in m.get("extra_models", {}).items()),
+        *(
+            ["    reference model         0.000 GiB  (the policy with its LoRA adapters off)"]
+            if r.get("reference_shared")
+            else []
+        ),
         f"    total               {_gib(m['total'])}  of {_gib(m['hbm']).strip()} HBM "
         f"({100 * m['total'] / m['hbm']:.0f}%)",
         "  FLOPs per step:",
@@ -451,6 +456,8 @@ def compile_for_topology(
         tokens=sum(math.prod(v.shape) for k, v in spec.items() if k.endswith("tokens")),
         value_head=per_chip_bytes(head),
     )
+    if config.method in ("dpo", "rlhf") and "reference" not in recipe.extra_models:
+        report["reference_shared"] = True  # LoRA: the policy with its adapters off
     report["mesh"] = dict(mesh.shape)
     report["device_kind"] = devices[0].device_kind
     return report
