@@ -3,10 +3,13 @@
 Public API (imported lazily so `import fft` stays cheap):
   fft.load(source) -> (model, tokenizer)
   fft.generate(model, tokenizer, prompts, max_new_tokens=…, temperature=…, top_k=…, top_p=…)
-  fft.export(workdir_or_model, out_dir, format="hf"|"peft", merge=False)
+  fft.export(workdir_or_model, out_dir, format="hf"|"peft"|"gguf", merge=False)
+Each is the plain function (`help(fft.generate)` shows its signature); the sampler's module is
+`fft.sampling`, and `fft.export`'s command line is `python -m fft.export`.
 """
 
 import os
+import sys
 import types
 
 import flax
@@ -24,17 +27,17 @@ def cache_dir() -> str:
     return os.path.abspath(os.path.expanduser(os.environ.get("FFT_CACHE", "~/.cache/fft")))
 
 
-class _CallableModule(types.ModuleType):
-    """A submodule named like a public function (`fft.generate`, `fft.export`).
+class _Package(types.ModuleType):
+    """The `fft` package: importing the CLI module `fft.export` (as `python -m fft.export`'s
+    tests do) must not rebind the public function `fft.export` to that module."""
 
-    Importing the submodule binds `fft.<name>` to the module, hiding the lazy attribute below;
-    calling the module therefore calls the public function, whatever was imported first.
-    """
+    def __setattr__(self, name, value):
+        if name in __all__ and isinstance(value, types.ModuleType):
+            return  # the import system binding a submodule; the function stays public
+        super().__setattr__(name, value)
 
-    def __call__(self, *args, **kwargs):
-        from fft import api
 
-        return getattr(api, self.__name__.rpartition(".")[2])(*args, **kwargs)
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name):

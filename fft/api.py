@@ -9,9 +9,9 @@ from flax import nnx
 
 from fft import pretrained, zoo
 from fft.config_lib import FFTError
-from fft.generate import generate  # noqa: F401  (re-exported as fft.generate)
 from fft.interop import hf
 from fft.models.config import ModelConfig
+from fft.sampling import generate  # noqa: F401  (re-exported as fft.generate)
 
 
 def load(source: str | os.PathLike):

@@ -2,7 +2,8 @@
 
 Writes an fft run as a HuggingFace model directory (config.json, model.safetensors, tokenizer
 files; LoRA folded into the weights), with --format=peft its LoRA adapter in PEFT's format, or
-with --format=gguf one llama.cpp file (--out=x.gguf; --quant=f16|q8_0|f32).
+with --format=gguf one llama.cpp file (--out=x.gguf; --quant=f16|q8_0|f32). This module is the
+command line only; from Python call the function `fft.export(...)` (`fft.api.export`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import fft
 from fft.config_lib import FFTError
 
 
@@ -35,9 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     print(out)
     return 0
 
-
-# `fft.export(...)` works even once this CLI module has been imported (see fft/__init__).
-sys.modules[__name__].__class__ = fft._CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

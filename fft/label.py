@@ -396,7 +396,7 @@ def model_sampler(
     top_p: float = 0.95,
     seed: int = 0,
 ) -> Sampler:
-    """Loads a model with `fft.load` and returns a sampler over `fft.generate.generate`.
+    """Loads a model with `fft.load` and returns a sampler over `fft.generate`.
 
     Args:
       source: an fft workdir or checkpoint, a local HF model directory, or a preset ('fft:tiny').
@@ -409,7 +409,7 @@ def model_sampler(
     import importlib
 
     api = importlib.import_module("fft.api")
-    gen = importlib.import_module("fft.generate")  # the module; `fft.generate` is also a function
+    gen = importlib.import_module("fft.sampling")
     model, tokenizer = api.load(source)
 
     def sample(prompts: list[str], k: int) -> list[list[str]]:

@@ -101,13 +101,25 @@ def test_load_errors_name_the_argument_given(tmp_path):
     assert str(e.value).startswith("fft.load('pip:fft-no-such-package'): the package is not")
 
 
-def test_public_functions_survive_importing_their_submodules(micro, tmp_path):
-    """`import fft.export` (the CLI module) or `fft.generate` (the sampler module) binds the
-    package attribute to the module; `fft.export(...)` / `fft.generate(...)` still work."""
+def test_public_functions_are_plain_functions(micro, tmp_path):
+    """`fft.generate` / `fft.export` are the functions themselves (real signatures for `help`),
+    also after the CLI module `fft.export` and the sampler module `fft.sampling` are imported."""
     import importlib
+    import inspect
 
-    importlib.import_module("fft.export")
-    importlib.import_module("fft.generate")
+    from fft import api, sampling
+
+    export_cli = importlib.import_module("fft.export")
+    importlib.import_module("fft.sampling")
+    assert fft.generate is sampling.generate and fft.export is api.export
+    assert callable(export_cli.main) and export_cli is not fft.export
+    gen_params = list(inspect.signature(fft.generate).parameters)
+    assert gen_params[:4] == ["model", "tokenizer", "prompts", "max_new_tokens"]
+    assert {"temperature", "top_k", "top_p", "seed", "stop_at_eos"} <= set(gen_params)
+    export_params = list(inspect.signature(fft.export).parameters)
+    assert export_params[:4] == ["workdir_or_model", "out_dir", "format", "merge"]
+    for f in (fft.load, fft.generate, fft.export):
+        assert inspect.isfunction(f) and "Args:" in f.__doc__ and "Returns:" in f.__doc__
     out = fft.export(micro, tmp_path / "hf")
     assert (pathlib.Path(out) / "config.json").exists()
     model, tok = fft.load(micro)

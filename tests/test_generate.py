@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import fft  # noqa: F401
-from fft import generate as gen
+from fft import sampling as gen
 from fft.models.presets import get_preset
 from fft.models.transformer import Transformer
 

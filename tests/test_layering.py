@@ -20,7 +20,7 @@ LAYERS = {
     "fft.data": 1,
     "fft.train": 2,
     "fft.checkpoint": 2,
-    "fft.generate": 2,
+    "fft.sampling": 2,
     "fft.eval": 2,
     "fft.interop": 2,
     "fft.pretrained": 2,

@@ -1,4 +1,4 @@
-"""`generate`: new tokens/s of `fft.generate.generate_tokens` (greedy, KV cache, one compiled
+"""`generate`: new tokens/s of `fft.sampling.generate_tokens` (greedy, KV cache, one compiled
 loop), compile time excluded; optionally against HF `model.generate` in the same process.
 
     python -m fft.bench generate --preset=20m --batch=8 --prompt=64 --new=128 --vs=transformers
@@ -19,8 +19,8 @@ from fft.bench.common import emit, log
 
 
 def run_generate(args) -> None:
-    from fft.generate import generate_tokens
     from fft.models.transformer import Transformer
+    from fft.sampling import generate_tokens
 
     cfg = common.model_config(args.preset, args.prompt + args.new, dtype=args.dtype)
     model = Transformer(cfg, rngs=nnx.Rngs(0))

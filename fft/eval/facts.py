@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from flax import nnx
 
-from fft import generate as generate_lib
+from fft import sampling as generate_lib
 from fft import sharding
 from fft.train import losses
 

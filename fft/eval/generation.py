@@ -4,7 +4,7 @@
     evaluate(model)  # {'exact_match': 0.83, 'exact_match/reverse': 0.9, ...}
 
 Prompts are encoded exactly as training saw them (`fft.data.formats.encode_prompt`), left-padded
-to one fixed length and cut into fixed-size batches, so `fft.generate.generate_tokens` compiles
+to one fixed length and cut into fixed-size batches, so `fft.sampling.generate_tokens` compiles
 once and every later call (before, during, after training) reuses the compiled loop. Answers are
 decoded up to the first EOS and compared with the reference after whitespace normalisation.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from fft import sharding
 from fft.config_lib import FFTError
 from fft.data import formats
-from fft.generate import generate_tokens, left_pad
+from fft.sampling import generate_tokens, left_pad
 
 
 def reference_answer(record: dict, fmt: str) -> str:

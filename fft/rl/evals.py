@@ -16,11 +16,11 @@ from flax import nnx
 
 from fft import sharding
 from fft.config_lib import ConfigError
-from fft.generate import generate_tokens
 from fft.models.transformer import Transformer
 from fft.rl import kl as kl_lib
 from fft.rl import rewards as rewards_lib
 from fft.rl import rollout as rollout_lib
+from fft.sampling import generate_tokens
 from fft.train.recipe import ModelSpec
 
 

@@ -29,9 +29,9 @@ from flax import nnx
 
 from fft import sharding
 from fft.data import formats
-from fft.generate import generate_tokens
 from fft.models import lora as lora_lib
 from fft.rl import rewards as rewards_lib
+from fft.sampling import generate_tokens
 from fft.train import losses
 
 # The attribute under which the policy carries its PPO value head (attached to the decoder, so

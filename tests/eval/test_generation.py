@@ -7,9 +7,9 @@ from flax import nnx
 
 from fft.data.formats import encode_prompt
 from fft.eval import generation
-from fft.generate import generate_tokens, left_pad
 from fft.models import presets
 from fft.models.transformer import Transformer
+from fft.sampling import generate_tokens, left_pad
 
 
 class CharTokenizer:

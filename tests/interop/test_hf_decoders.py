@@ -86,7 +86,7 @@ def test_logits_match_left_padded(pair, torch_mod):
 
 
 def test_greedy_generation_matches(pair, torch_mod):
-    from fft.generate import generate_tokens
+    from fft.sampling import generate_tokens
 
     family, ref, _, model = pair
     tok, mask, _ = left_padded_batch(VOCAB, t=8, pad=3, seed=1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fft import generate as gen
+from fft import sampling as gen
 from fft import sharding
 from fft.kernels import cpu
 from fft.models import layers as L

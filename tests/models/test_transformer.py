@@ -233,7 +233,7 @@ def test_padded_vocab_rows_are_never_chosen(tied):
     from types import SimpleNamespace
 
     from fft import config_lib
-    from fft.generate import generate_tokens
+    from fft.sampling import generate_tokens
     from fft.train import lm
 
     config = config_lib.base_config()

@@ -14,7 +14,6 @@ attention over the cache run `fft.kernels.cpu` kernels instead of XLA's dots (sa
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Sequence
 
 import flax.struct
@@ -23,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import fft
 from fft import sharding
 from fft.kernels import cpu as cpu_kernels
 from fft.models import layers as L
@@ -245,16 +243,26 @@ def generate(
 ) -> list[str]:
     """Generates a completion string for every prompt (the stop token is not included).
 
+    All prompts run as one batch through a static KV cache (prompt + `max_new_tokens`) in one
+    compiled loop, which stops early once every row has ended. Typical use:
+
+        model, tokenizer = fft.load("fft:tiny")  # or a workdir, an HF directory, a .gguf file
+        fft.generate(model, tokenizer, ["The cat"], max_new_tokens=16)
+
     Args:
-      model: a decoder (`init_cache`/`decode`).
+      model: a decoder (`init_cache`/`decode`), e.g. the first value `fft.load` returns.
       tokenizer: `fft.tokenizers.Tokenizer` (encode/decode, bos_id, eos_id, pad_id; -1 = absent).
-      prompts: prompt strings; encoded with BOS when the tokenizer has one.
-      max_new_tokens, temperature, top_k, top_p: see `generate_tokens`.
-      seed: sampling seed.
+      prompts: prompt strings; encoded with BOS when the tokenizer has one. The prompt is sent as
+        it is: apply the run's template (e.g. "### Instruction: ...") yourself.
+      max_new_tokens: tokens to generate per prompt, at most.
+      temperature: 0 = greedy (the default); above 0, sample from softmax(logits / temperature).
+      top_k: when sampling, keep only the k most likely tokens (0 = off).
+      top_p: when sampling, keep the smallest set of tokens with this much mass (1.0 = off).
+      seed: sampling seed (the same seed and prompts give the same completions).
       stop_at_eos: end a row at the tokenizer's EOS.
 
     Returns:
-      The decoded completions, one per prompt.
+      The decoded completions, one string per prompt, in order.
     """
     add_bos = getattr(tokenizer, "bos_id", -1) >= 0
     ids = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
@@ -280,7 +288,3 @@ def generate(
             row = row[:-1]
         texts.append(tokenizer.decode(row))
     return texts
-
-
-# `fft.generate(...)` works even once this submodule has been imported (see fft/__init__).
-sys.modules[__name__].__class__ = fft._CallableModule
