@@ -7,8 +7,8 @@ same with bf16 storage), `lora` (f32 frozen base + f32 adapters), `qlora_int8` a
 (the base's block kernels stored as int8 / 4-bit codes with f32 per-block scales; embeddings,
 norms and the LM head stay f32). The TrainState is the one the Trainer assembles
 (`fft.train.trainer.prepare`; `jax.eval_shape` of the real init: params, frozen weights,
-AdamW state for the trainable part only), so nothing is allocated unless `--allocate` asks for it (then the process's peak RSS is
-reported per mode).
+AdamW state for the trainable part only), so nothing is allocated unless `--allocate` asks
+for it (then the process's peak RSS is reported per mode).
 """
 
 from __future__ import annotations

@@ -125,13 +125,13 @@ class ToyIterator:
 def train(config, workdir, *, method, build_model, loss_fn, train_data, evaluate=None,
           model_config=None, trainable=None):  # fmt: skip
     """Runs the toy LM through the real Trainer as a one-off Recipe (the loop's tests)."""
+    import copy
+
     import jax
     from flax import nnx
 
     from fft.train import trainer
     from fft.train.recipe import ModelSpec, Recipe
-
-    import copy
 
     twin = copy.copy(train_data)  # one batch of a copy: the stream's fields and dtypes
     twin.log_path = twin.hook = None
