@@ -152,7 +152,8 @@ def pair_logprobs(model, batch):
     """
     cat = {f: jnp.concatenate([batch[f"{s}_{f}"] for s in SIDES]) for f in FIELDS}
     hidden = model.hidden_states(cat["tokens"], cat["positions"], cat["segment_ids"])
-    lp = losses.token_logprobs(model.logits(hidden), cat["tokens"]) * cat["loss_mask"]
+    # Chunked: the [2B, T, V] f32 logits of both sides never exist at once.
+    lp = losses.chunked_token_logprobs(hidden, model.logits, cat["tokens"]) * cat["loss_mask"]
     b = batch["chosen_tokens"].shape[0]
     seq, n = lp.sum(1), cat["loss_mask"].sum(1)
     return seq[:b], seq[b:], n[:b], n[b:]

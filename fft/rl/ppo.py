@@ -93,12 +93,13 @@ def make_loss_fn(
 
     def loss_fn(model, batch, rng):
         del rng
-        logits, logp, values = rollout_lib.policy_outputs(
-            model, batch["tokens"], batch["positions"], batch["segment_ids"], temperature
-        )
+        # Log-probs and entropy chunk by chunk: no [B,T,V] logits (losses.chunked_token_logprobs).
+        logp, entropy_bn, values = rollout_lib.policy_outputs(
+            model, batch["tokens"], batch["positions"], batch["segment_ids"], temperature,
+            with_entropy=True,
+        )  # fmt: skip
         mask = batch["loss_mask"].astype(jnp.float32)
         ctx = registry.ReduceContext(max_len, batch.get("rollout_mean_len"))
-        entropy_bn = rollout_lib.shift_right(objectives.entropy_from_logits(logits))
         extra_bn = -ent_coef * entropy_bn if ent_coef else jnp.zeros_like(logp)
         aux = {"entropy": adv_lib.masked_mean(entropy_bn, mask)}
         if use_value:
