@@ -215,3 +215,25 @@ def test_dpo_pair_logprobs_and_perplexity_match_unchunked():
     want = float(losses.next_token_loss(logits, x))
     got = perplexity.evaluate(model, [{k: np.asarray(v) for k, v in x.items()}])
     np.testing.assert_allclose(got["loss"], want, rtol=1e-5)
+
+
+def test_domain_nll_with_vocab_limit_and_facts_scores_match_unchunked():
+    """The domain eval scores the extended model on the first K ids only; facts sum a cloze."""
+    from fft.eval import facts
+    from fft.methods import domain
+
+    model = _decoder(padded=True)
+    x = _batch(model, t=12)
+    x["tokens"] = x["tokens"] % 200  # every token below the limit
+    logits = model(x["tokens"], x["positions"], x["segment_ids"])
+    mask = x["loss_mask"]
+    for limit in (None, 200):
+        z = logits if limit is None else logits[..., :limit]
+        want = -(losses.token_logprobs(z, x["tokens"]) * mask).sum()
+        nll, n = domain._nll_fn(limit)(model, x)
+        np.testing.assert_allclose(nll, want, rtol=1e-5)
+        np.testing.assert_allclose(n, mask.sum())
+    got = facts._seq_logprobs(model, x["tokens"], x["segment_ids"], mask)
+    z = model(x["tokens"], None, x["segment_ids"])
+    want = (losses.token_logprobs(z, x["tokens"]) * mask).sum(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
