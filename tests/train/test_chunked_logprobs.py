@@ -186,7 +186,9 @@ def test_ppo_loss_and_reference_match_unchunked():
     adv = jnp.asarray(r.normal(size=mask.shape), jnp.float32) * mask
     old = (lp + 0.05 * jnp.asarray(r.normal(size=mask.shape), jnp.float32)) * mask
     mb = dict(batch, old_logprobs=old, advantages=adv, ref_logprobs=ref_lp * mask)
-    fn = ppo.make_loss_fn(use_value=False, ent_coef=0.01, kl_loss_coef=0.05, temperature=temp)
+    fn = ppo.make_loss_fn(  # 12 predicted positions in chunks of 5
+        use_value=False, ent_coef=0.01, kl_loss_coef=0.05, temperature=temp, chunk=5
+    )
     loss, aux = fn(model, mb, None)
     # The same loss by hand from the unchunked log-softmax.
     ent = rollout.shift_right(objectives.entropy_from_logits(logits))
@@ -202,7 +204,7 @@ def test_dpo_pair_logprobs_and_perplexity_match_unchunked():
     model = _decoder(padded=True)
     b = {s: _batch(model, t=10, seed=i) for i, s in enumerate(dpo.SIDES)}
     batch = {f"{s}_{f}": b[s][f] for s in dpo.SIDES for f in dpo.FIELDS}
-    c, r_, n_c, n_r = dpo.pair_logprobs(model, batch)
+    c, r_, n_c, n_r = dpo.pair_logprobs(model, batch, chunk=4)  # 9 positions in chunks of 4
     for got, n, side in ((c, n_c, "chosen"), (r_, n_r, "rejected")):
         x = b[side]
         lp = losses.token_logprobs(
