@@ -60,8 +60,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
 
 @nnx.jit
 def _seq_logprobs(model, tokens, segment_ids, target_mask):
-    logits = model.logits(model.hidden_states(tokens, None, segment_ids))
-    return (losses.token_logprobs(logits, tokens) * target_mask).sum(-1)
+    hidden = model.hidden_states(tokens, None, segment_ids)
+    return (losses.chunked_token_logprobs(hidden, model.logits, tokens) * target_mask).sum(-1)
 
 
 def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], *,

@@ -15,8 +15,7 @@ from fft.train import losses
 def _sums(model, batch):
     """(sum of target NLL, number of targets) for one batch."""
     hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-    logits = model.logits(hidden)
-    logp = losses.token_logprobs(logits, batch["tokens"])
+    logp = losses.chunked_token_logprobs(hidden, model.logits, batch["tokens"])
     mask = batch["loss_mask"].astype(jnp.float32)
     return -(logp * mask).sum(), mask.sum()
 

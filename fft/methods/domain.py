@@ -204,11 +204,12 @@ def _nll_fn(vocab_limit: int | None):
     @nnx.jit
     def nll(model, batch):
         hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-        logits = model.logits(hidden)
+        unembed = model.logits
         if vocab_limit is not None:  # score as the model before extension: old ids only
-            logits = logits[..., :vocab_limit]
+            unembed = lambda h: model.logits(h)[..., :vocab_limit]  # noqa: E731
         mask = batch["loss_mask"].astype(jnp.float32)
-        return -(losses.token_logprobs(logits, batch["tokens"]) * mask).sum(), mask.sum()
+        logp = losses.chunked_token_logprobs(hidden, unembed, batch["tokens"])
+        return -(logp * mask).sum(), mask.sum()
 
     return nll
 

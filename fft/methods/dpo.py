@@ -145,15 +145,19 @@ class RowStream:
 # ---------------------------------------------------------------------------------------------
 
 
-def pair_logprobs(model, batch):
+def pair_logprobs(model, batch, chunk: int = losses.LOGPROB_CHUNK):
     """Summed response log-probs and response lengths of both sides, in one forward pass.
+
+    The log-probs are computed `chunk` positions at a time (`losses.chunked_token_logprobs`).
 
     Returns:
       (logp_chosen [B], logp_rejected [B], len_chosen [B], len_rejected [B]).
     """
     cat = {f: jnp.concatenate([batch[f"{s}_{f}"] for s in SIDES]) for f in FIELDS}
     hidden = model.hidden_states(cat["tokens"], cat["positions"], cat["segment_ids"])
-    lp = losses.token_logprobs(model.logits(hidden), cat["tokens"]) * cat["loss_mask"]
+    # Chunked: the [2B, T, V] f32 logits of both sides never exist at once.
+    lp = losses.chunked_token_logprobs(hidden, model.logits, cat["tokens"], chunk=chunk)
+    lp = lp * cat["loss_mask"]
     b = batch["chosen_tokens"].shape[0]
     seq, n = lp.sum(1), cat["loss_mask"].sum(1)
     return seq[:b], seq[b:], n[:b], n[b:]
@@ -181,14 +185,19 @@ def reference_logprobs(ref_model, rows, batch_size: int = 32) -> dict[str, np.nd
     return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
 
 
-def make_loss_fn(loss: str, beta: float, label_smoothing: float = 0.0):
-    """LossFn for DPO ('dpo', summed log-probs) or IPO ('ipo', length-averaged log-probs)."""
+def make_loss_fn(
+    loss: str, beta: float, label_smoothing: float = 0.0, chunk: int = losses.LOGPROB_CHUNK
+):
+    """LossFn for DPO ('dpo', summed log-probs) or IPO ('ipo', length-averaged log-probs).
+
+    `chunk`: positions per chunk of the policy's log-probs (`losses.chunked_token_logprobs`).
+    """
     if loss not in ("dpo", "ipo"):
         raise config_lib.ConfigError(f"config.dpo.loss={loss!r}: choose 'dpo' or 'ipo'.")
 
     def loss_fn(model, batch, rng):
         del rng
-        pi_c, pi_r, n_c, n_r = pair_logprobs(model, batch)
+        pi_c, pi_r, n_c, n_r = pair_logprobs(model, batch, chunk)
         ref_c, ref_r = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
         if loss == "ipo":
             n_c, n_r = jnp.maximum(n_c, 1.0), jnp.maximum(n_r, 1.0)

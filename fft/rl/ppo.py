@@ -38,6 +38,7 @@ from fft.rl import advantages as adv_lib
 from fft.rl import kl as kl_lib
 from fft.rl import objectives, registry
 from fft.rl import rollout as rollout_lib
+from fft.train import losses
 
 # Fields of a learner minibatch beyond the four Batch fields: [B, T] float32, and
 # `rollout_mean_len` [B] (the rollout's mean response length, on every row: DAPO's reducer).
@@ -61,6 +62,7 @@ def make_loss_fn(
     use_value: bool = True,
     temperature: float = 1.0,
     max_len: int = 0,
+    chunk: int = losses.LOGPROB_CHUNK,
 ):
     """LossFn `(model, batch, rng) -> (loss, aux)` for PPO / GRPO-family minibatches.
 
@@ -85,6 +87,7 @@ def make_loss_fn(
         as they were for the old log-probs (`rollout.teacher_forced`), so the first update's
         ratio is exactly 1.
       max_len: the response length limit N (the 'fixed_length' reducer divides by it).
+      chunk: positions per chunk of the log-prob / entropy computation (no [B,T,V] logits).
     """
     spec = registry.resolve("ppo", loss_name=loss)[1]
     if spec.reduce == "fixed_length" and max_len <= 0:
@@ -93,12 +96,13 @@ def make_loss_fn(
 
     def loss_fn(model, batch, rng):
         del rng
-        logits, logp, values = rollout_lib.policy_outputs(
-            model, batch["tokens"], batch["positions"], batch["segment_ids"], temperature
-        )
+        # Log-probs and entropy chunk by chunk: no [B,T,V] logits (losses.chunked_token_logprobs).
+        logp, entropy_bn, values = rollout_lib.policy_outputs(
+            model, batch["tokens"], batch["positions"], batch["segment_ids"], temperature,
+            with_entropy=True, chunk=chunk,
+        )  # fmt: skip
         mask = batch["loss_mask"].astype(jnp.float32)
         ctx = registry.ReduceContext(max_len, batch.get("rollout_mean_len"))
-        entropy_bn = rollout_lib.shift_right(objectives.entropy_from_logits(logits))
         extra_bn = -ent_coef * entropy_bn if ent_coef else jnp.zeros_like(logp)
         aux = {"entropy": adv_lib.masked_mean(entropy_bn, mask)}
         if use_value:

@@ -129,18 +129,34 @@ def shift_right(x_bt):
     return jnp.pad(x_bt[:, :-1], ((0, 0), (1, 0)))
 
 
-def policy_outputs(model, tokens, positions, segment_ids, temperature=1.0):
-    """(logits [B,T,V], logp [B,T], values [B,T] or None) of a policy, token-aligned.
+def policy_outputs(
+    model, tokens, positions, segment_ids, temperature=1.0, *, with_entropy=False,
+    chunk: int = losses.LOGPROB_CHUNK,
+):  # fmt: skip
+    """(logp [B,T], entropy [B,T] or None, values [B,T] or None) of a policy, token-aligned.
 
-    The logits (and so logp) are divided by `temperature`: the policy an RL learner optimises is
-    the distribution its rollouts were sampled from.
+    The logits are divided by `temperature`: the policy an RL learner optimises is the
+    distribution its rollouts were sampled from. They are computed `chunk` positions at a time
+    (`losses.chunked_token_logprobs`), never as a whole [B,T,V] array.
     """
     hidden = model.hidden_states(tokens, positions, segment_ids)
-    logits = model.logits(hidden).astype(jnp.float32) / temperature
-    logp = losses.token_logprobs(logits, tokens)
+    out = losses.chunked_token_logprobs(
+        hidden, model.logits, tokens, chunk=chunk, temperature=temperature,
+        with_entropy=with_entropy,
+    )  # fmt: skip
+    logp, entropy = out if with_entropy else (out, None)
     head = getattr(model, VALUE_HEAD, None)
     values = shift_right(head(hidden)) if head is not None else None
-    return logits, logp, values
+    return logp, entropy, values
+
+
+def reference_logprobs(model, tokens, positions, segment_ids, temperature=1.0, *,
+                       chunk: int = losses.LOGPROB_CHUNK):  # fmt: skip
+    """log pi_ref(x_t | x_<t) `[B, T]` of a reference decoder (tempered, chunked)."""
+    hidden = model.hidden_states(tokens, positions, segment_ids)
+    return losses.chunked_token_logprobs(
+        hidden, model.logits, tokens, chunk=chunk, temperature=temperature
+    )
 
 
 @nnx.jit
@@ -161,13 +177,12 @@ def teacher_forced(model, ref_model, batch, temperature=1.0):
       (logp [B,T], ref_logp [B,T], values [B,T] (zeros without a value head)).
     """
     args = (batch["tokens"], batch["positions"], batch["segment_ids"])
-    _, logp, values = policy_outputs(model, *args, temperature=temperature)
+    logp, _, values = policy_outputs(model, *args, temperature=temperature)
     if ref_model is None:
         with lora_lib.disable_lora(model):
-            ref_logits = model(*args)
+            ref_logp = reference_logprobs(model, *args, temperature=temperature)
     else:
-        ref_logits = ref_model(*args)
-    ref_logp = losses.token_logprobs(ref_logits.astype(jnp.float32) / temperature, batch["tokens"])
+        ref_logp = reference_logprobs(ref_model, *args, temperature=temperature)
     if values is None:
         values = jnp.zeros_like(logp)
     return logp, ref_logp, values

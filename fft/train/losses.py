@@ -13,6 +13,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+# Positions per chunk of the chunked loss / log-prob helpers: [B, 128, V] f32 logits at a time.
+LOGPROB_CHUNK = 128
+
 
 def _targets(batch):
     """(targets [B,T-1], weights [B,T-1] f32): token t+1 is predicted from position t."""
@@ -21,6 +24,14 @@ def _targets(batch):
     if mask is None:
         mask = (batch["segment_ids"] > 0) if "segment_ids" in batch else jnp.ones_like(tokens)
     return tokens[:, 1:], mask[:, 1:].astype(jnp.float32)
+
+
+def _unembed_fn(unembed):
+    """A callable `hidden [B,C,D] -> logits [B,C,V]` from a callable or a `[D, V]` matrix."""
+    if callable(unembed):
+        return unembed
+    w_dv = unembed
+    return lambda h: jnp.einsum("bcd,dv->bcv", h, w_dv)
 
 
 def num_targets(batch) -> jax.Array:
@@ -57,7 +68,7 @@ def chunked_next_token_loss(
     unembed: Callable[[jax.Array], jax.Array] | jax.Array,
     batch,
     *,
-    chunk: int = 128,
+    chunk: int = LOGPROB_CHUNK,
     z_loss_weight: float = 0.0,
 ) -> jax.Array:
     """`next_token_loss(unembed(hidden), batch)` without materialising [B,T,V] logits.
@@ -79,9 +90,7 @@ def chunked_next_token_loss(
     Returns:
       Scalar f32 loss, equal to the unchunked loss.
     """
-    if not callable(unembed):
-        w_dv = unembed
-        unembed = lambda h: jnp.einsum("bcd,dv->bcv", h, w_dv)  # noqa: E731
+    unembed = _unembed_fn(unembed)
     targets, weights = _targets(batch)
     h = hidden_btd[:, :-1]
     b, t, d = h.shape
@@ -124,6 +133,79 @@ def token_logprobs(logits_btv: jax.Array, tokens_bt: jax.Array) -> jax.Array:
     logp = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
     lp = jnp.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1)[..., 0]
     return jnp.pad(lp, ((0, 0), (1, 0)))
+
+
+def chunked_token_logprobs(
+    hidden_btd: jax.Array,
+    unembed: Callable[[jax.Array], jax.Array] | jax.Array,
+    tokens_bt: jax.Array,
+    *,
+    chunk: int = LOGPROB_CHUNK,
+    temperature: float | jax.Array = 1.0,
+    with_entropy: bool = False,
+):
+    """`token_logprobs(unembed(hidden) / temperature, tokens)` without materialising [B,T,V].
+
+        z[b, t]      = unembed(hidden[b, t]) / temperature              (f32, [V])
+        logp[b, 0]   = 0;  logp[b, t] = z[b, t-1, x[b, t]] - lse(z[b, t-1])         (t >= 1)
+        ent[b, 0]    = 0;  ent[b, t]  = lse(z[b, t-1]) - sum_v softmax(z[b, t-1])_v z[b, t-1, v]
+
+    Both are token-aligned like `token_logprobs` (and like `loss_mask`): position t holds the
+    distribution that chose token t. As in `chunked_next_token_loss`, a `lax.scan` over chunks
+    of `chunk` positions computes each chunk's logits and `jax.checkpoint` recomputes them in
+    the backward pass, so peak memory is [B, chunk, V] f32 rather than several [B, T, V] copies.
+
+    Args:
+      hidden_btd: [B, T, D] final hidden states (after the final norm).
+      unembed: `hidden [B,C,D] -> logits [B,C,V]` (e.g. `model.logits`, which applies the
+        softcap, masks padded vocabulary rows and runs a LoRA head), or a `[D, V]` matrix.
+        Any slicing of the vocabulary (e.g. scoring with the first K ids only) goes here.
+      tokens_bt: [B, T] int token ids.
+      chunk: positions per chunk (a chunk that does not divide T - 1 is padded, then dropped).
+      temperature: the logits are divided by it (a Python float or a traced scalar).
+      with_entropy: also return the entropy of each position's distribution.
+
+    Returns:
+      logp `[B, T]` f32, or (logp, entropy) `[B, T]` f32 each with `with_entropy`.
+    """
+    unembed = _unembed_fn(unembed)
+    h = hidden_btd[:, :-1]
+    targets = tokens_bt[:, 1:]
+    b, t, d = h.shape
+    if t == 0:  # one-token rows predict nothing
+        zeros = jnp.zeros(tokens_bt.shape, jnp.float32)
+        return (zeros, zeros) if with_entropy else zeros
+    chunk = max(1, min(chunk, t))
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:  # padded positions are computed on zeros and sliced off below
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    # [N, B, C, ...]: scan over the chunk axis.
+    h = h.reshape(b, n, chunk, d).swapaxes(0, 1)
+    targets = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    plain_t = isinstance(temperature, int | float) and temperature == 1.0
+
+    @jax.checkpoint
+    def chunk_out(h_bcd, tgt_bc):
+        logits = unembed(h_bcd).astype(jnp.float32)
+        if not plain_t:
+            logits = logits / temperature
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        lp = jnp.take_along_axis(logits, tgt_bc[..., None], axis=-1)[..., 0] - lse
+        if not with_entropy:
+            return (lp,)
+        p = jax.nn.softmax(logits, axis=-1)
+        return lp, lse - jnp.sum(p * logits, axis=-1)
+
+    _, ys = jax.lax.scan(lambda c, xs: (c, chunk_out(*xs)), None, (h, targets))
+
+    def token_aligned(y_nbc):  # [N, B, C] -> [B, T]: drop the chunk padding, 0 at t = 0
+        y = y_nbc.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+        return jnp.pad(y, ((0, 0), (1, 0)))
+
+    out = tuple(token_aligned(y) for y in ys)
+    return out if with_entropy else out[0]
 
 
 def classification_loss(
