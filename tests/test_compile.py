@@ -114,3 +114,65 @@ def test_compile_qlora_with_auto_dtypes_and_splash():
     assert qlora["quant"] == "nf4" and qlora["params"] == lora["params"]
     assert qlora["per_chip_bytes"]["params"] < lora["per_chip_bytes"]["params"]
     assert qlora["per_chip_bytes"]["optimizer"] == lora["per_chip_bytes"]["optimizer"]
+
+
+SMOKES = ["pretrain", "instruction", "domain", "continual", "transfer", "reward", "dpo",
+          "rlhf", "rlhf:smoke_grpo"]  # fmt: skip
+
+
+def _smoke(name: str, **kw):
+    module, _, variant = name.partition(":")
+    c = config_lib.load_config(os.path.join(ROOT, "configs", f"{module}.py"), variant or "smoke")
+    with c.unlocked():
+        for k, v in kw.items():
+            node = c
+            *parents, last = k.split(".")
+            for p in parents:
+                node = node[p]
+            node[last] = v
+    return c
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", SMOKES)
+def test_every_method_lowers_through_the_trainers_assembly(name):
+    """Each method's Recipe (abstract base: no weights, no data) through `trainer.prepare`,
+    lowered and compiled for 4 CPU devices: what fft.compile does for a TPU slice."""
+    import jax
+
+    from fft.models import presets
+    from fft.train import lm
+
+    cfg = _smoke(name)
+    mc = presets.get_preset("micro").replace(max_seq_len=max(cfg.seq_len, 64))
+    mc = lm.runtime_options(mc, cfg, platform="cpu")
+    lowered, prep, recipe, spec = aot.lower_train_step(cfg, mc, jax.devices()[:4])
+    assert lowered.compile() is not None
+    assert recipe.method == cfg.method and all(v.shape[0] == cfg.batch_size for v in spec.values())
+    extra = aot.extra_model_bytes(recipe, prep.mesh, prep.rules)
+    needs_reference = cfg.method in ("dpo", "rlhf") and cfg.lora.rank == 0
+    assert ("reference" in extra) == needs_reference, extra
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name, lora", [("dpo", 0), ("dpo", 4), ("rlhf", 0), ("rlhf", 4)])
+def test_rl_methods_report_their_reference_sharded(name, lora):
+    """Issue 18: the reference (full fine-tuning) is placed like the policy, ~1/4 per chip on
+    fsdp=4; with LoRA it is the policy itself (no second copy)."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    cfg = _smoke(name, **{"lora.rank": lora, "mesh.data": 1, "mesh.fsdp": -1})
+    r = aot.compile_for_topology(cfg, "v5e-4", preset="micro")
+    mem = r["per_chip_bytes"]
+    if lora:
+        assert r.get("reference_shared") and "reference" not in mem["extra_models"]
+    else:
+        ref = mem["extra_models"]["reference"]
+        assert 0 < ref < 0.5 * r["params"] * 4  # sharded: well under a whole f32 copy
+        assert mem["total"] >= ref + mem["params"]
+    if name == "rlhf":
+        assert mem["value_head"] > 0
+    assert r["fits"] and r["method"] == name
