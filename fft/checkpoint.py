@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from typing import Any
 
 import jax
@@ -275,52 +273,3 @@ def _load_state(step_dir: str, abstract, shardings) -> nnx.State:
         out.append((path, var.replace(value=node)))
     log.info("init_from %s: loaded %d of %d variables", step_dir, len(out), len(flat))
     return nnx.from_flat_state(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Preemption
-# ---------------------------------------------------------------------------------------------
-
-
-class PreemptionGuard:
-    """Turns SIGTERM into a flag the loop checks between steps (then it saves and exits).
-
-    Use as a context manager; the previous handler is restored on exit. With several
-    processes, `should_stop()` agrees across them (any process signalled -> all stop at the
-    same step), so every process joins the final save.
-    """
-
-    def __init__(self, signals=(signal.SIGTERM,)):
-        self._signals = signals
-        self._previous = {}
-        self._flag = threading.Event()
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self._signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-        return False
-
-    def _handle(self, signum, frame):
-        del frame
-        log.warning("received signal %d: saving a checkpoint and stopping.", signum)
-        self._flag.set()
-
-    @property
-    def signalled(self) -> bool:
-        return self._flag.is_set()
-
-    def should_stop(self) -> bool:
-        """True once any process has been signalled (a collective when multi-process)."""
-        if jax.process_count() == 1:
-            return self._flag.is_set()
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.array([self._flag.is_set()]))
-        return bool(np.any(flags))

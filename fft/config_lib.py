@@ -92,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.checkpoint_every = 50  # steps between checkpoints (0 = only at the end)
     c.keep_checkpoints = 2  # how many checkpoints to keep
+    c.preemption_check_every = 10  # steps between multi-host SIGTERM checks (no JAX service)
     c.eval_every = 0  # steps between evals (0 = only before and after)
     c.log_every = 10  # steps between metric lines
     return c

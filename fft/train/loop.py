@@ -28,7 +28,7 @@ from fft import checkpoint as ckpt_lib
 from fft import metrics as metrics_lib
 from fft import sharding
 from fft.config_lib import ConfigError
-from fft.train import optim
+from fft.train import optim, preemption
 from fft.train.state import TrainState, count_model_params, count_params, split_model
 from fft.train.step import make_train_step
 
@@ -472,9 +472,10 @@ def train(
                 bar.update(0, loss=values["loss"], tok_s=round(extra["tokens_per_s"]))
 
         try:
-            with ckpt_lib.PreemptionGuard() as guard:
+            check_every = int(_cfg(config, "preemption_check_every", 10))  # [host] preemption
+            with preemption.PreemptionGuard(check_every) as guard:  # [host] preemption
                 while step < steps:
-                    if guard.should_stop():
+                    if guard.should_stop(step):  # [host] preemption
                         preempted = True
                         break
                     if hasattr(train_data, "bind_state"):
