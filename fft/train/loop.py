@@ -28,6 +28,7 @@ from fft import checkpoint as ckpt_lib
 from fft import metrics as metrics_lib
 from fft import sharding
 from fft.config_lib import ConfigError
+from fft.data import prefetch as prefetch_lib
 from fft.train import optim, preemption
 from fft.train.state import TrainState, count_model_params, count_params, split_model
 from fft.train.step import make_train_step
@@ -354,6 +355,8 @@ def train(
     """
     t_start = time.time()
     workdir = os.path.abspath(workdir)
+    depth = int(_cfg(config, "data.prefetch", 2))  # [host] prefetch
+    train_data = prefetch_lib.maybe_prefetch(train_data, depth)  # [host] prefetch
     steps, batch_size = int(config.steps), int(config.batch_size)
     grad_accum = int(_cfg(config, "optim.grad_accum", 1))
 
@@ -526,10 +529,12 @@ def train(
                 ckpt.wait()
         except BaseException:
             # NaN guard or Ctrl-C: flush what was written, let pending saves finish, re-raise.
+            prefetch_lib.close(train_data)  # [host] prefetch
             bar.close()
             writer.close()
             ckpt.close()
             raise
+        prefetch_lib.close(train_data)  # [host] prefetch: the worker stops before the evals
         bar.close()
 
         if preempted:
