@@ -10,14 +10,15 @@ and the previous one is used.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
+from fft import paths
 from fft.config_lib import FFTError
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,14 @@ class Checkpointer:
     """Keeps the last `keep` checkpoints of a run in `directory`.
 
     Args:
-      directory: checkpoint root (created if missing); absolute or relative.
+      directory: checkpoint root (created if missing): a local path (absolute or relative)
+        or a URL such as `gs://bucket/run/checkpoints`, handed to orbax unchanged.
       keep: how many checkpoints to keep (older ones are deleted after a save).
       async_save: write in a background thread (call `wait()` before reading them).
     """
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.workdir_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -126,12 +128,12 @@ class Checkpointer:
 
     def _quarantine(self, step: int):
         if jax.process_index() == 0:
-            src = os.path.join(self.directory, str(step))
+            src = self.directory / str(step)
             n = 0
-            while os.path.exists(f"{src}.corrupt-{n}"):
+            while (self.directory / f"{step}.corrupt-{n}").exists():
                 n += 1
-            if os.path.isdir(src):
-                os.rename(src, f"{src}.corrupt-{n}")
+            if src.is_dir():
+                src.rename(self.directory / f"{step}.corrupt-{n}")
         _sync(f"fft_quarantine_{step}")
         self._mngr.reload()
 
@@ -161,24 +163,20 @@ def _sync(name: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def _resolve_step_dir(path: str) -> str:
+def _resolve_step_dir(path) -> epath.Path:
     """An fft workdir, its checkpoints/ dir, or one step dir -> the step dir to load."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "state")):
+    path = paths.workdir_path(path)
+    if (path / "state").is_dir():
         return path
-    root = (
-        os.path.join(path, "checkpoints")
-        if os.path.isdir(os.path.join(path, "checkpoints"))
-        else path
-    )
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     steps = []
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            if name.isdigit() and os.path.isdir(os.path.join(root, name, "state")):
-                steps.append(int(name))
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.isdigit() and (child / "state").is_dir():
+                steps.append(int(child.name))
     if not steps:
-        raise CheckpointError(f"init_from: no fft checkpoint found under {path!r}.")
-    return os.path.join(root, str(max(steps)))
+        raise CheckpointError(f"init_from: no fft checkpoint found under {str(path)!r}.")
+    return root / str(max(steps))
 
 
 def _path_key(path) -> str:
@@ -215,8 +213,8 @@ def load_state(checkpoint_dir: str, abstract, shardings=None) -> nnx.State:
         raise unreadable_checkpoint(step_dir, e) from None
 
 
-def _load_state(step_dir: str, abstract, shardings) -> nnx.State:
-    state_dir = os.path.join(step_dir, "state")
+def _load_state(step_dir, abstract, shardings) -> nnx.State:
+    state_dir = step_dir / "state"
     handler = ocp.PyTreeCheckpointHandler()
     with ocp.Checkpointer(handler) as ckptr:
         meta = ckptr.metadata(state_dir)
@@ -257,7 +255,7 @@ def _load_state(step_dir: str, abstract, shardings) -> nnx.State:
             picked.append((path, var, part, names))
         if not picked:
             raise CheckpointError(
-                f"init_from: the checkpoint {step_dir!r} holds none of the model's weights "
+                f"init_from: the checkpoint {str(step_dir)!r} holds none of the model's weights "
                 "(paths or shapes differ: is it from a different model config?)."
             )
         item = jax.tree.map(lambda a: np.zeros((), a.dtype), target)  # structure only

@@ -15,6 +15,7 @@ LAYERS = {
     "fft.metrics": 0,
     "fft.tokenizers": 0,
     "fft.kernels": 0,
+    "fft.paths": 0,
     "fft.models": 1,
     "fft.data": 1,
     "fft.train": 2,

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fft import checkpoint as ckpt_lib
 from fft import metrics as metrics_lib
-from fft import sharding
+from fft import paths, sharding
 from fft.config_lib import ConfigError
 from fft.data import prefetch as prefetch_lib
 from fft.train import optim, preemption
@@ -354,7 +354,7 @@ def train(
       keeps the earlier one under `history`.
     """
     t_start = time.time()
-    workdir = os.path.abspath(workdir)
+    workdir = paths.workdir_str(workdir)  # [host] epath: a gs:// URL stays a URL
     depth = int(_cfg(config, "data.prefetch", 2))  # [host] prefetch
     train_data = prefetch_lib.maybe_prefetch(train_data, depth)  # [host] prefetch
     steps, batch_size = int(config.steps), int(config.batch_size)
