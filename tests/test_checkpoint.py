@@ -10,12 +10,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "train"))
 
 from toy_lm import build  # noqa: E402
+from toy_run import lora_build  # noqa: E402
 
 from fft import checkpoint as ck  # noqa: E402
 from fft import sharding  # noqa: E402
@@ -25,8 +27,9 @@ from fft.train.state import TrainState, split_model  # noqa: E402
 RUN = os.path.join(HERE, "train", "toy_run.py")
 
 
-def _start(workdir, steps, block_at=None):
+def _start(workdir, steps, block_at=None, lora=False):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), JAX_PLATFORMS="cpu")
+    env["TOY_LORA"] = "1" if lora else "0"
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     args = [sys.executable, RUN, str(workdir), str(steps)]
     if block_at is not None:
@@ -57,20 +60,21 @@ def _batches(workdir):
         return [tuple(line.split()) for line in f]
 
 
-def _final_params(workdir):
-    abstract = nnx.state(nnx.eval_shape(build()))
+def _final_params(workdir, lora=False):
+    abstract = nnx.state(nnx.eval_shape(lora_build() if lora else build()))
     return jax.device_get(ck.load_state(workdir, abstract))
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, lora):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    p_full = _start(full, 20)
-    p_kill = _start(killed, 20, block_at=13)
+    p_full = _start(full, 20, lora=lora)
+    p_kill = _start(killed, 20, block_at=13, lora=lora)
     _wait_for(p_kill, "BLOCKED 13")
     os.kill(p_kill.pid, signal.SIGKILL)
     p_kill.wait(timeout=60)
     assert p_kill.returncode == -signal.SIGKILL
-    out = _finish(_start(killed, 20))
+    out = _finish(_start(killed, 20, lora=lora))
     _finish(p_full)
     assert "Resuming from checkpoint at step" in out
     resumed_at = int(out.split("Resuming from checkpoint at step ")[1].split(".")[0])
@@ -86,9 +90,16 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert killed_batches[restart:] == full_batches[resumed_at:]
     assert killed_batches[:restart] == full_batches[:restart]
 
-    a, b = _final_params(full), _final_params(killed)
+    # Every weight, the frozen base included (read back from checkpoints/frozen with LoRA).
+    a, b = _final_params(full, lora), _final_params(killed, lora)
+    want = nnx.state(nnx.eval_shape(lora_build() if lora else build()), nnx.Param)
+    assert len(jax.tree.leaves(a)) == len(jax.tree.leaves(want))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
+    for run in (full, killed):
+        steps = [d for d in os.listdir(run / "checkpoints") if d.isdigit()]
+        assert (run / "checkpoints" / "frozen").is_dir() == lora
+        assert all((run / "checkpoints" / d / "frozen_ref").exists() == lora for d in steps)
 
 
 def test_sigterm_saves_then_exits_and_resumes(tmp_path):
