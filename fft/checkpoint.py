@@ -5,21 +5,26 @@ Layout: `DIR/<step>/state` (the TrainState pytree, sharded arrays via OCDBT) and
 Saves are asynchronous; only finalised checkpoints are visible to restore (orbax writes to a
 temporary directory and renames), and a checkpoint that fails to load is reported, moved aside
 and the previous one is used.
+
+A run with frozen weights (LoRA, QLoRA, a linear probe: `TrainState.frozen` holds more than rng
+state) saves them once, to `DIR/frozen` (a `{"frozen": ...}` pytree, written synchronously on the
+run's first save, before any step checkpoint that needs it exists), and its step checkpoints
+hold `frozen=None` plus a `DIR/<step>/frozen_ref` JSON item naming that directory: the steps
+carry adapters, optimizer state, step and rng only. A full fine-tune's layout is unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import threading
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
+from fft import paths
 from fft.config_lib import FFTError
 
 log = logging.getLogger(__name__)
@@ -33,13 +38,15 @@ class Checkpointer:
     """Keeps the last `keep` checkpoints of a run in `directory`.
 
     Args:
-      directory: checkpoint root (created if missing); absolute or relative.
+      directory: checkpoint root (created if missing): a local path (absolute or relative)
+        or a URL such as `gs://bucket/run/checkpoints`, handed to orbax unchanged.
       keep: how many checkpoints to keep (older ones are deleted after a save).
       async_save: write in a background thread (call `wait()` before reading them).
     """
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.workdir_path(directory)
+        self._frozen_written = False  # this instance has written (or read) DIR/frozen
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -54,9 +61,36 @@ class Checkpointer:
         """Saves `state` (a TrainState / pytree) and the JSON-able `data_state` at `step`."""
         if step in self.all_steps():
             return False  # e.g. the final save right after a periodic one
-        args = {"state": ocp.args.StandardSave(state)}
+        args = {}
+        if has_frozen_weights(state):
+            self._write_frozen_once(state.frozen)
+            state = state.replace(frozen=None)
+            args["frozen_ref"] = ocp.args.JsonSave({"path": FROZEN_DIR})
+        args["state"] = ocp.args.StandardSave(state)
         args["data"] = ocp.args.JsonSave(data_state or {})
         return self._mngr.save(int(step), args=ocp.args.Composite(**args), force=force)
+
+    @property
+    def frozen_directory(self) -> epath.Path:
+        """Where the frozen weights of a run with frozen weights are saved (once)."""
+        return self.directory / FROZEN_DIR
+
+    def _write_frozen_once(self, frozen) -> None:
+        # Trusted only next to step checkpoints that refer to it: with no step checkpoint yet
+        # (a fresh start, maybe over a start killed before its first step save) it is rewritten,
+        # so a stale copy from another base can never be picked up.
+        if self._frozen_written:
+            return
+        if not (self.all_steps() and self.frozen_directory.exists()):
+            with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+                # Synchronous: the step checkpoint saved next must never exist without it.
+                ckptr.save(
+                    self.frozen_directory,
+                    args=ocp.args.StandardSave({"frozen": frozen}),
+                    force=True,
+                )
+            log.info("saved the frozen weights once to %s", self.frozen_directory)
+        self._frozen_written = True
 
     def wait(self):
         """Blocks until pending asynchronous saves are on disk."""
@@ -82,11 +116,25 @@ class Checkpointer:
           abstract_state: pytree of `jax.ShapeDtypeStruct`s carrying `.sharding` (see
             `fft.sharding.with_shardings`); arrays are placed (and resharded) accordingly.
         """
+        split = (self.directory / str(int(step)) / "frozen_ref").exists()
+        target = abstract_state.replace(frozen=None) if split else abstract_state
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
         )
         restored = self._mngr.restore(int(step), args=args)
-        return restored["state"], dict(restored["data"] or {})
+        state = restored["state"]
+        if split:
+            state = state.replace(frozen=self._restore_frozen(abstract_state.frozen))
+        return state, dict(restored["data"] or {})
+
+    def _restore_frozen(self, abstract_frozen):
+        """The frozen weights from `DIR/frozen`, placed as `abstract_frozen` says."""
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            tree = ckptr.restore(
+                self.frozen_directory, args=ocp.args.StandardRestore({"frozen": abstract_frozen})
+            )
+        self._frozen_written = True  # a resumed run never rewrites it
+        return tree["frozen"]
 
     def restore_latest(self, abstract_state) -> tuple[Any, dict, int] | None:
         """Restores the newest checkpoint that loads; None when there is none.
@@ -128,14 +176,28 @@ class Checkpointer:
 
     def _quarantine(self, step: int):
         if jax.process_index() == 0:
-            src = os.path.join(self.directory, str(step))
+            src = self.directory / str(step)
             n = 0
-            while os.path.exists(f"{src}.corrupt-{n}"):
+            while (self.directory / f"{step}.corrupt-{n}").exists():
                 n += 1
-            if os.path.isdir(src):
-                os.rename(src, f"{src}.corrupt-{n}")
+            if src.is_dir():
+                src.rename(self.directory / f"{step}.corrupt-{n}")
         _sync(f"fft_quarantine_{step}")
         self._mngr.reload()
+
+
+FROZEN_DIR = "frozen"  # DIR/frozen: the frozen weights of a LoRA / frozen-base run, saved once
+
+
+def has_frozen_weights(state) -> bool:
+    """True when `state` is a TrainState whose `frozen` part holds weights, not only rng state
+    (then checkpoints save it once, see the module docstring)."""
+    frozen = getattr(state, "frozen", None)
+    if frozen is None or not hasattr(state, "replace"):
+        return False
+    if isinstance(frozen, nnx.State):
+        frozen = nnx.filter_state(frozen, nnx.Not(nnx.RngState))
+    return bool(jax.tree.leaves(frozen))
 
 
 def _one_line(error: Exception, limit: int) -> str:
@@ -163,24 +225,20 @@ def _sync(name: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def _resolve_step_dir(path: str) -> str:
+def _resolve_step_dir(path) -> epath.Path:
     """An fft workdir, its checkpoints/ dir, or one step dir -> the step dir to load."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "state")):
+    path = paths.workdir_path(path)
+    if (path / "state").is_dir():
         return path
-    root = (
-        os.path.join(path, "checkpoints")
-        if os.path.isdir(os.path.join(path, "checkpoints"))
-        else path
-    )
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     steps = []
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            if name.isdigit() and os.path.isdir(os.path.join(root, name, "state")):
-                steps.append(int(name))
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.isdigit() and (child / "state").is_dir():
+                steps.append(int(child.name))
     if not steps:
-        raise CheckpointError(f"init_from: no fft checkpoint found under {path!r}.")
-    return os.path.join(root, str(max(steps)))
+        raise CheckpointError(f"init_from: no fft checkpoint found under {str(path)!r}.")
+    return root / str(max(steps))
 
 
 def _path_key(path) -> str:
@@ -217,110 +275,74 @@ def load_state(checkpoint_dir: str, abstract, shardings=None) -> nnx.State:
         raise unreadable_checkpoint(step_dir, e) from None
 
 
-def _load_state(step_dir: str, abstract, shardings) -> nnx.State:
-    state_dir = os.path.join(step_dir, "state")
+def _weight_items(step_dir) -> list:
+    """The pytree items holding a step's weights: its `state`, plus `../frozen` where the run
+    saved its frozen weights once (see the module docstring)."""
+    items = [step_dir / "state"]
+    if (step_dir / "frozen_ref").exists():
+        items.append(step_dir.parent / FROZEN_DIR)
+    return items
+
+
+def _load_state(step_dir, abstract, shardings) -> nnx.State:
     handler = ocp.PyTreeCheckpointHandler()
+    items = _weight_items(step_dir)
     with ocp.Checkpointer(handler) as ckptr:
-        meta = ckptr.metadata(state_dir)
-        tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
-        tree = getattr(tree, "tree", tree)
         saved = {}
-        for part in ("params", "frozen"):
-            for kp, m in jax.tree_util.tree_flatten_with_path(tree.get(part, {}) or {})[0]:
-                key = _path_key(kp)
-                if key.endswith("/value"):
-                    key = key[: -len("/value")]
-                saved[key] = (part, kp, m)
+        for item, item_dir in enumerate(items):
+            meta = ckptr.metadata(item_dir)
+            tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+            tree = getattr(tree, "tree", tree)
+            for part in ("params", "frozen"):
+                for kp, m in jax.tree_util.tree_flatten_with_path(tree.get(part, {}) or {})[0]:
+                    key = _path_key(kp)
+                    if key.endswith("/value"):
+                        key = key[: -len("/value")]
+                    saved[key] = (item, part, kp, m)
 
         flat = list(nnx.to_flat_state(abstract))
         flat_sh = list(nnx.to_flat_state(shardings)) if shardings is not None else None
-        target: dict = {}
+        targets: list[dict] = [{} for _ in items]
         picked = []
         for i, (path, var) in enumerate(flat):
             key = "/".join(str(p) for p in path)
             if not isinstance(var, nnx.Param):
                 continue  # weights only: rng state and buffers start fresh
             value = var.get_value()
-            if key not in saved or tuple(getattr(saved[key][2], "shape", ())) != value.shape:
+            if key not in saved or tuple(getattr(saved[key][3], "shape", ())) != value.shape:
                 continue
-            part, kp, _ = saved[key]
+            item, part, kp, _ = saved[key]
             sharding = flat_sh[i][1] if flat_sh is not None else getattr(value, "sharding", None)
             if isinstance(sharding, nnx.Variable):
                 sharding = sharding.get_value()
             if sharding is None:
                 sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            node = target.setdefault(part, {})
+            node = targets[item].setdefault(part, {})
             names = [str(getattr(k, "key", k)) for k in kp]
             for n in names[:-1]:
                 node = node.setdefault(n, {})
             node[names[-1]] = ocp.ArrayRestoreArgs(
                 sharding=sharding, global_shape=value.shape, dtype=value.dtype
             )
-            picked.append((path, var, part, names))
+            picked.append((path, var, item, part, names))
         if not picked:
             raise CheckpointError(
-                f"init_from: the checkpoint {step_dir!r} holds none of the model's weights "
+                f"init_from: the checkpoint {str(step_dir)!r} holds none of the model's weights "
                 "(paths or shapes differ: is it from a different model config?)."
             )
-        item = jax.tree.map(lambda a: np.zeros((), a.dtype), target)  # structure only
-        restored = ckptr.restore(
-            state_dir,
-            args=ocp.args.PyTreeRestore(item=item, restore_args=target, partial_restore=True),
-        )
+        restored = []
+        for item_dir, target in zip(items, targets, strict=True):
+            if not target:
+                restored.append({})
+                continue
+            structure = jax.tree.map(lambda a: np.zeros((), a.dtype), target)  # structure only
+            args = ocp.args.PyTreeRestore(item=structure, restore_args=target, partial_restore=True)
+            restored.append(ckptr.restore(item_dir, args=args))
     out = []
-    for path, var, part, names in picked:
-        node = restored[part]
+    for path, var, item, part, names in picked:
+        node = restored[item][part]
         for n in names:
             node = node[n]
         out.append((path, var.replace(value=node)))
     log.info("init_from %s: loaded %d of %d variables", step_dir, len(out), len(flat))
     return nnx.from_flat_state(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Preemption
-# ---------------------------------------------------------------------------------------------
-
-
-class PreemptionGuard:
-    """Turns SIGTERM into a flag the loop checks between steps (then it saves and exits).
-
-    Use as a context manager; the previous handler is restored on exit. With several
-    processes, `should_stop()` agrees across them (any process signalled -> all stop at the
-    same step), so every process joins the final save.
-    """
-
-    def __init__(self, signals=(signal.SIGTERM,)):
-        self._signals = signals
-        self._previous = {}
-        self._flag = threading.Event()
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self._signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-        return False
-
-    def _handle(self, signum, frame):
-        del frame
-        log.warning("received signal %d: saving a checkpoint and stopping.", signum)
-        self._flag.set()
-
-    @property
-    def signalled(self) -> bool:
-        return self._flag.is_set()
-
-    def should_stop(self) -> bool:
-        """True once any process has been signalled (a collective when multi-process)."""
-        if jax.process_count() == 1:
-            return self._flag.is_set()
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.array([self._flag.is_set()]))
-        return bool(np.any(flags))

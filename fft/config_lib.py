@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.packing = True  # pack several examples per row (segment ids keep them apart)
     c.data.on_bad_record = "error"  # error | skip (skips are counted in the metrics)
     c.data.shuffle = True  # shuffle examples (seeded, resumable)
+    c.data.prefetch = 2  # host batches built ahead in a background thread (0 = off)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel size (-1 = all devices left over)
@@ -92,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.checkpoint_every = 50  # steps between checkpoints (0 = only at the end)
     c.keep_checkpoints = 2  # how many checkpoints to keep
+    c.preemption_check_every = 10  # steps between multi-host SIGTERM checks (no JAX service)
     c.eval_every = 0  # steps between evals (0 = only before and after)
     c.log_every = 10  # steps between metric lines
     return c

@@ -8,14 +8,13 @@ then runs the method's Recipe (`fft.methods.<config.method>.recipe`) on the one 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fft import config_lib, distributed
+from fft import config_lib, distributed, paths
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Method config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -38,8 +37,10 @@ def check_workdir(workdir: str) -> str:
       workdir: the run directory given with --workdir (created later if missing).
 
     Returns:
-      Its absolute path.
+      Its absolute path; a URL (`gs://bucket/run`) unchanged (fft.paths), unchecked here.
     """
+    if paths.is_url(workdir):
+        return paths.workdir_str(workdir)
     path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
     if os.path.exists(path) and not os.path.isdir(path):
         raise config_lib.FFTError(
@@ -65,15 +66,14 @@ def finished_results(config, workdir: str) -> dict | None:
     under `history`.
     """
     path = os.path.join(workdir, "results.json")
-    if not os.path.exists(path):
-        return None
     try:
-        with open(path) as f:
-            results = json.load(f)
+        results = paths.read_json(path)
     except (OSError, ValueError) as e:
         raise config_lib.FFTError(
             f"{path} is unreadable ({e}); move it away to finish the run again."
         ) from None
+    if results is None:
+        return None
     done = (results.get("config") or {}).get("steps", results.get("steps"))
     if done is not None and int(config.steps) > int(done):
         print(

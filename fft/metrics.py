@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from fft import paths
 from fft.config_lib import FFTError
 
 
@@ -107,6 +107,28 @@ class _TBWriter:
             self._impl = None
 
 
+class _RemoteLines:
+    """An appended-to text file on an object store, which cannot append: the lines are kept
+    and the object is rewritten whole, at most every `every_s` seconds and on flush/close."""
+
+    def __init__(self, path, every_s: float = 30.0):
+        self._path, self._every_s = path, every_s
+        self._parts = [path.read_text()] if path.exists() else []  # a resumed run's lines
+        self._dirty, self._last = False, 0.0
+
+    def write(self, text: str) -> None:
+        self._parts.append(text)
+        self._dirty = True
+
+    def flush(self, force: bool = False) -> None:
+        if self._dirty and (force or time.time() - self._last >= self._every_s):
+            self._path.write_text("".join(self._parts))
+            self._dirty, self._last = False, time.time()
+
+    def close(self) -> None:
+        self.flush(force=True)
+
+
 class MetricWriter:
     """Writes `WORKDIR/metrics.jsonl` lines and TensorBoard events under `WORKDIR/tb/`.
 
@@ -118,10 +140,17 @@ class MetricWriter:
         self._jsonl = None
         self._tb = None
         if self.active:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            root = paths.workdir_path(workdir)
+            root.mkdir(parents=True, exist_ok=True)
+            if paths.is_url(root):
+                self._jsonl = _RemoteLines(root / "metrics.jsonl")
+            else:
+                self._jsonl = open(root / "metrics.jsonl", "a")  # noqa: SIM115
             if tensorboard:
-                self._tb = _TBWriter(os.path.join(workdir, "tb"))
+                try:
+                    self._tb = _TBWriter(str(root / "tb"))
+                except Exception as e:  # noqa: BLE001 - e.g. no filesystem for a URL scheme
+                    logging.warning("metrics: TensorBoard events are off (%s).", e)
 
     def write(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> dict:
         """Writes one line; returns the host float values written."""
@@ -137,6 +166,8 @@ class MetricWriter:
         return values
 
     def flush(self):
+        if isinstance(self._jsonl, _RemoteLines):
+            self._jsonl.flush(force=True)
         if self._tb is not None:
             self._tb.flush()
 

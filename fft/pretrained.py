@@ -149,6 +149,10 @@ def read_raw_params(workdir: str | os.PathLike) -> dict[str, np.ndarray]:
     item = os.path.abspath(latest_checkpoint(workdir))
     try:
         flat = _read_raw_item(item)
+        step_dir = os.path.dirname(item)
+        if os.path.exists(os.path.join(step_dir, "frozen_ref")):
+            # A LoRA / frozen-base run saves its frozen weights once, next to the steps.
+            flat.update(_read_raw_item(os.path.join(os.path.dirname(step_dir), "frozen")))
     except Exception as e:  # noqa: BLE001 - a truncated checkpoint: one error naming it
         from fft import checkpoint  # deferred: orbax is slow to import
 

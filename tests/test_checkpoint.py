@@ -10,12 +10,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "train"))
 
 from toy_lm import build  # noqa: E402
+from toy_run import lora_build  # noqa: E402
 
 from fft import checkpoint as ck  # noqa: E402
 from fft import sharding  # noqa: E402
@@ -25,8 +27,9 @@ from fft.train.state import TrainState, split_model  # noqa: E402
 RUN = os.path.join(HERE, "train", "toy_run.py")
 
 
-def _start(workdir, steps, block_at=None):
+def _start(workdir, steps, block_at=None, lora=False):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), JAX_PLATFORMS="cpu")
+    env["TOY_LORA"] = "1" if lora else "0"
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     args = [sys.executable, RUN, str(workdir), str(steps)]
     if block_at is not None:
@@ -57,26 +60,29 @@ def _batches(workdir):
         return [tuple(line.split()) for line in f]
 
 
-def _final_params(workdir):
-    abstract = nnx.state(nnx.eval_shape(build()))
+def _final_params(workdir, lora=False):
+    abstract = nnx.state(nnx.eval_shape(lora_build() if lora else build()))
     return jax.device_get(ck.load_state(workdir, abstract))
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, lora):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    p_full = _start(full, 20)
-    p_kill = _start(killed, 20, block_at=13)
+    p_full = _start(full, 20, lora=lora)
+    p_kill = _start(killed, 20, block_at=13, lora=lora)
     _wait_for(p_kill, "BLOCKED 13")
     os.kill(p_kill.pid, signal.SIGKILL)
     p_kill.wait(timeout=60)
     assert p_kill.returncode == -signal.SIGKILL
-    out = _finish(_start(killed, 20))
+    out = _finish(_start(killed, 20, lora=lora))
     _finish(p_full)
     assert "Resuming from checkpoint at step" in out
     resumed_at = int(out.split("Resuming from checkpoint at step ")[1].split(".")[0])
     assert resumed_at in (5, 10)
 
-    full_batches, killed_batches = _batches(full), _batches(killed)
+    # Past the last step, the prefetch thread may have read a few batches that never trained.
+    full_batches = [b for b in _batches(full) if int(b[0]) < 20]
+    killed_batches = [b for b in _batches(killed) if int(b[0]) < 20]
     assert [int(i) for i, _ in full_batches] == list(range(20))
     # the restarted process continues at exactly the batch after its checkpoint
     restart = next(i for i in range(1, len(killed_batches))
@@ -84,20 +90,40 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert killed_batches[restart:] == full_batches[resumed_at:]
     assert killed_batches[:restart] == full_batches[:restart]
 
-    a, b = _final_params(full), _final_params(killed)
+    # Every weight, the frozen base included (read back from checkpoints/frozen with LoRA).
+    a, b = _final_params(full, lora), _final_params(killed, lora)
+    want = nnx.state(nnx.eval_shape(lora_build() if lora else build()), nnx.Param)
+    assert len(jax.tree.leaves(a)) == len(jax.tree.leaves(want))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
+    for run in (full, killed):
+        steps = [d for d in os.listdir(run / "checkpoints") if d.isdigit()]
+        assert (run / "checkpoints" / "frozen").is_dir() == lora
+        assert all((run / "checkpoints" / d / "frozen_ref").exists() == lora for d in steps)
 
 
-def test_sigterm_saves_then_exits(tmp_path):
+def test_sigterm_saves_then_exits_and_resumes(tmp_path):
     proc = _start(tmp_path, 20, block_at=7)
     _wait_for(proc, "BLOCKED 7")
     proc.send_signal(signal.SIGTERM)
     (tmp_path / "release").touch()
     out = _finish(proc)
-    assert "DONE True" in out and "Preempted: saved step 8" in out
-    assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "8"
+    assert "DONE True" in out and "Preempted: saved step " in out
+    # The batches are prefetched in a thread (the one blocked at batch 7), so the main thread
+    # stops at the first step after the signal: at most the 8 steps of the batches before it.
+    saved = int(out.split("Preempted: saved step ")[1].split()[0])
+    assert 1 <= saved <= 8
+    assert max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == saved
     assert not (tmp_path / "results.json").exists()
+
+    out = _finish(_start(tmp_path, 20))
+    assert f"Resuming from checkpoint at step {saved}." in out and "DONE False" in out
+    indices = [int(i) for i, _ in _batches(tmp_path)]
+    restart = next(i for i in range(1, len(indices)) if indices[i] <= indices[i - 1])
+    # The restarted run reads exactly the batches after the saved (consumed) position (and,
+    # past step 20, the few its prefetch read ahead before it stopped).
+    after = indices[restart:]
+    assert after == list(range(saved, saved + len(after))) and len(after) >= 20 - saved
 
 
 def _toy_state(step):

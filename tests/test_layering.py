@@ -16,6 +16,7 @@ LAYERS = {
     "fft.tokenizers": 0,
     "fft.kernels": 0,
     "fft.distributed": 0,
+    "fft.paths": 0,
     "fft.models": 1,
     "fft.data": 1,
     "fft.train": 2,

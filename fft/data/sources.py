@@ -20,7 +20,9 @@ import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
+from fft import paths
 from fft.config_lib import FFTError
 
 ON_BAD_RECORD = ("error", "skip")
@@ -58,10 +60,37 @@ def _parse_json_line(line: bytes | str, where: str) -> dict:
     return record
 
 
+def _open_binary(path: str):
+    """A binary file handle; a URL (`gs://...`) is opened through etils.epath."""
+    if paths.is_url(path):
+        return epath.Path(path).open("rb")
+    return open(path, "rb")  # noqa: SIM115 - the caller closes it (or keeps it open)
+
+
+def _url_files_for(spec: str) -> list[str]:
+    """`_files_for` for a URL: a directory, a glob in the last component, or one object."""
+    path = epath.Path(spec)
+    if any(c in path.name for c in "*?["):
+        files = sorted(str(p) for p in path.parent.glob(path.name))
+    elif path.is_dir():
+        files = sorted(
+            str(p)
+            for p in path.iterdir()
+            if p.name.endswith((".jsonl", ".json", ".array_record")) or ".array_record-" in p.name
+        )
+    elif path.exists():
+        files = [spec]
+    else:
+        raise FFTError(f"data file not found: {spec}")
+    if not files:
+        raise FFTError(f"no data files match {spec!r}")
+    return files
+
+
 def _read_bytes(path: str) -> bytes:
     """The bytes of a data file; an unreadable one (a directory, no permission) is an FFTError."""
     try:
-        with open(path, "rb") as f:
+        with _open_binary(path) as f:
             return f.read()
     except OSError as e:
         raise FFTError(f"cannot read data file {path}: {e.strerror or e}") from None
@@ -104,7 +133,7 @@ class JsonlSource:
         self.skipped = 0
         self._offsets, self._lines, cum = [], [], [0]
         for path in self.paths:
-            if not os.path.exists(path):
+            if not epath.Path(path).exists():
                 raise FFTError(f"data file not found: {path}")
             offsets, lines = _line_offsets(path)
             self._offsets.append(offsets)
@@ -134,7 +163,7 @@ class JsonlSource:
         f, i = self._locate(int(index))
         handle = self._files.get(f)
         if handle is None:
-            handle = self._files[f] = open(self.paths[f], "rb")  # noqa: SIM115 (kept open)
+            handle = self._files[f] = _open_binary(self.paths[f])  # kept open
         handle.seek(int(self._offsets[f][i]))
         line = handle.readline()
         try:
@@ -172,7 +201,7 @@ class ArrayRecordSource:
         self.skipped = 0
         self._sources, cum = [], [0]
         for path in self.paths:
-            if not os.path.exists(path):
+            if not epath.Path(path).exists():
                 raise FFTError(f"data file not found: {path}")
             try:
                 source = grain.sources.ArrayRecordDataSource([os.fspath(path)])
@@ -291,6 +320,8 @@ def tfds_source(
 
 
 def _files_for(spec: str) -> list[str]:
+    if paths.is_url(spec):
+        return _url_files_for(spec)
     if os.path.isdir(spec):
         files = sorted(
             os.path.join(spec, n)

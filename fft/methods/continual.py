@@ -121,6 +121,10 @@ class EraIterator:
       stream_dir: the shard directory (to skip to an era's first shard).
     """
 
+    # The evals read `current_era` / `batches` mid-run: they must be the consumed position, so
+    # the loop does not prefetch this iterator (fft.data.prefetch.maybe_prefetch).
+    no_prefetch = True
+
     def __init__(self, make_inner, *, steps_per_era: int, n_eras: int, on_era, stream_dir: str):
         self.make_inner, self.steps_per_era, self.n_eras = make_inner, steps_per_era, n_eras
         self.on_era, self.stream_dir = on_era, stream_dir

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import jax
+from etils import epath
+
+from fft import paths
 
 
 def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -70,40 +74,35 @@ def write_run_files(record: dict, workdir, tokenizer, model_config) -> None:
     """Writes config.json (`record`), model.json and tokenizer/ (primary process only)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    text = json.dumps(record, indent=2, default=str)
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
+    root = paths.workdir_path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / "config.json").exists() and (root / "checkpoints").is_dir():
         # A restart with other settings resumes all the same (changing e.g. mixture weights or
         # steps on resume is legitimate); say what changed so an accidental change is seen.
         try:
-            with open(path) as f:
-                changed = changed_settings(json.load(f), json.loads(text))
+            changed = changed_settings(paths.read_json(root / "config.json"), record)
         except ValueError:  # an unreadable old config.json only loses the comparison
             changed = []
         if changed:
             print("Resuming with changed settings: " + "; ".join(changed[:10]), flush=True)
-    with open(path, "w") as f:
-        f.write(text)
+    paths.write_json(root / "config.json", record)
     if model_config is not None:
-        with open(os.path.join(workdir, "model.json"), "w") as f:
-            json.dump(model_config.to_dict(), f, indent=2)
-    tok_dir = os.path.join(workdir, "tokenizer")
-    if tokenizer is not None and not os.path.isdir(tok_dir):
-        os.makedirs(tok_dir, exist_ok=True)
-        tokenizer.save(tok_dir)
+        paths.write_json(root / "model.json", model_config.to_dict())
+    if tokenizer is not None and not (root / "tokenizer").is_dir():
+        if paths.is_url(root):  # tokenizers write local files: stage, then copy up
+            with tempfile.TemporaryDirectory() as tmp:
+                tokenizer.save(tmp)
+                (root / "tokenizer").mkdir(parents=True, exist_ok=True)
+                for name in os.listdir(tmp):
+                    epath.Path(tmp, name).copy(root / "tokenizer" / name)
+        else:
+            os.makedirs(root / "tokenizer", exist_ok=True)
+            tokenizer.save(str(root / "tokenizer"))
 
 
-def previous_results(workdir: str) -> dict | None:
+def previous_results(workdir) -> dict | None:
     """The results.json of a run this one resumes (it had finished at fewer steps), or None."""
-    path = os.path.join(workdir, "results.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):  # a torn file keeps no record worth keeping
-        return None
+    return read_json(workdir, "results.json")
 
 
 def keep_history(results: dict, previous: dict) -> None:
@@ -120,21 +119,16 @@ def keep_history(results: dict, previous: dict) -> None:
 
 
 def write_json(workdir, name: str, value: dict) -> str:
-    """Writes `workdir/name` (primary process only, atomically); returns its path."""
-    path = os.path.join(workdir, name)
+    """Writes `workdir/name` (primary process only, atomically where local); returns its path."""
+    path = paths.workdir_path(workdir) / name
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=2, default=str)
-        os.replace(tmp, path)
-    return path
+        paths.write_json(path, value)
+    return str(path)
 
 
 def read_json(workdir, name: str) -> dict | None:
     """`workdir/name` parsed, or None when it is missing or torn."""
     try:
-        with open(os.path.join(workdir, name)) as f:
-            return json.load(f)
+        return paths.read_json(paths.workdir_path(workdir) / name)
     except (OSError, ValueError):
         return None

@@ -28,9 +28,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fft import checkpoint as ckpt_lib
 from fft import metrics as metrics_lib
-from fft import sharding
+from fft import paths, sharding
 from fft.config_lib import ConfigError
-from fft.train import optim, run_files
+from fft.data import prefetch as prefetch_lib
+from fft.train import optim, preemption, run_files
 from fft.train.recipe import Context, DataShard, ModelSpec, OnPolicyData, Recipe, Resumable
 from fft.train.state import TrainState, count_model_params, count_params, split_model
 from fft.train.step import make_train_step
@@ -64,6 +65,8 @@ class LoopConfig:
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    prefetch: int = 2  # host batches read ahead in a background thread (0: off)
+    preemption_check_every: int = 10  # steps between agreements on a SIGTERM (several hosts)
     mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor)
     rules: tuple = ()
     record: dict = dataclasses.field(default_factory=dict)  # the config as config.json holds it
@@ -87,6 +90,8 @@ class LoopConfig:
             eval_every=int(_get(config, "eval_every", 0)),
             checkpoint_every=int(_get(config, "checkpoint_every", 0)),
             keep_checkpoints=int(_get(config, "keep_checkpoints", 2)),
+            prefetch=int(_get(config, "data.prefetch", 2)),
+            preemption_check_every=int(_get(config, "preemption_check_every", 10)),
             mesh=(
                 _get(config, "mesh.data", -1),
                 _get(config, "mesh.fsdp", 1),
@@ -400,7 +405,7 @@ class Trainer:
         """
         loop, method = self.loop, recipe.method
         t_start = time.time()
-        workdir = os.path.abspath(workdir)
+        workdir = paths.workdir_str(workdir)  # a gs:// URL stays a URL
         mesh = loop.make_mesh()
         with sharding.use_mesh(mesh, loop.rules):
             prep = prepare(recipe, loop, mesh)
@@ -438,6 +443,9 @@ class Trainer:
             train_data = recipe.train_data(ctx)
             if data_position is not None and isinstance(train_data, Resumable):
                 train_data.set_state(data_position)
+            # Off-policy data is read ahead in a thread (never rollouts: they need the live
+            # weights); the saved position stays that of the consumed batches.
+            train_data = prefetch_lib.maybe_prefetch(train_data, loop.prefetch)
             evaluate = recipe.evaluate(ctx) if recipe.evaluate is not None else None
             return self._run(
                 recipe, prep, ckpt, state, counters, train_data, evaluate, workdir, previous,
@@ -498,9 +506,9 @@ class Trainer:
                 bar.update(0, loss=values["loss"], tok_s=round(extra["tokens_per_s"]))
 
         try:
-            with ckpt_lib.PreemptionGuard() as guard:
+            with preemption.PreemptionGuard(loop.preemption_check_every) as guard:
                 while step < steps:
-                    if guard.should_stop():
+                    if guard.should_stop(step):
                         preempted = True
                         break
                     if on_policy:  # rollouts sample from the live weights
@@ -543,10 +551,12 @@ class Trainer:
                 ckpt.wait()
         except BaseException:
             # NaN guard or Ctrl-C: flush what was written, let pending saves finish, re-raise.
+            prefetch_lib.close(train_data)
             bar.close()
             writer.close()
             ckpt.close()
             raise
+        prefetch_lib.close(train_data)  # the worker stops before the evals
         bar.close()
 
         if preempted:
