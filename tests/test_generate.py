@@ -28,7 +28,7 @@ class FakeTokenizer:
         return "".join(chr(ord("a") + i - 3) if 3 <= i < 29 else "?" for i in ids)
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma2"])
+@pytest.fixture(scope="module", params=["llama", "gemma2", "gemma3"])
 def model(request):
     cfg = get_preset("micro")
     if request.param == "gemma2":
@@ -36,6 +36,15 @@ def model(request):
             family="gemma2", norm_offset=1.0, mlp="geglu", act="gelu_tanh", embed_scale=True,
             logit_softcap=30.0, attn_softcap=50.0, post_norms=True, sliding_window=3,
             sliding_window_pattern=2, tie_embeddings=True,
+        )  # fmt: skip
+    if request.param == "gemma3":
+        # Layers 0, 1 sliding with a 3-token window (prompts + new tokens reach 11), layer 2
+        # global; separate rope bases, QK-norm, four norms per layer (the masked full cache).
+        cfg = cfg.replace(
+            family="gemma3_text", n_layers=3, norm_offset=1.0, mlp="geglu", act="gelu_tanh",
+            embed_scale=True, post_norms=True, qk_norm=True, sliding_window=3,
+            sliding_window_pattern=3, rope_theta=1e6, rope_local_theta=1e4, query_scale=0.2,
+            tie_embeddings=True,
         )  # fmt: skip
     return Transformer(cfg, rngs=nnx.Rngs(0))
 

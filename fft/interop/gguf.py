@@ -11,10 +11,14 @@ Two things GGUF does not say, and fft states here:
   permuted (interleaved rotary halves, its own rope layout); fft uses HF's rotate-half order,
   so those rows are permuted back on the way in (`unpermute_qk`) and again on the way out.
 - The block's wiring (norm kind, gated MLP, biases) is hard-coded per architecture in
-  llama.cpp, so `_FAMILY` lists it for each architecture fft reads.
+  llama.cpp, so `_FAMILY` lists it for each architecture fft reads, and `_gemma3` the Gemma 3
+  settings llama.cpp hard-codes rather than stores (layer pattern, local rope base, query scale).
+- llama.cpp's Gemma converter stores every norm weight as `1 + w` (its rms norm has no offset);
+  fft keeps HF's `w` with `norm_offset=1`, so 1 is taken off on the way in and added on the way
+  out (`norm_shift`).
 
 Supported `general.architecture`: llama (SmolLM2, Llama 2/3 without rope_freqs, Mistral-as-
-llama) and qwen2. Gemma 3 and Qwen 3 GGUFs are refused with one error (issue 20, item 3).
+llama), qwen2, qwen3 and gemma3 (text; fft family `gemma3_text`, HF's model_type).
 """
 
 from __future__ import annotations
@@ -34,16 +38,31 @@ log = logging.getLogger(__name__)
 _FAMILY = {
     "llama": dict(norm="rms", mlp="swiglu", act="silu", pos="rope"),
     "qwen2": dict(norm="rms", mlp="swiglu", act="silu", pos="rope"),
-}
+    "qwen3": dict(norm="rms", mlp="swiglu", act="silu", pos="rope", qk_norm=True),
+    "gemma3": dict(
+        norm="rms", norm_offset=1.0, mlp="geglu", act="gelu_tanh", pos="rope", embed_scale=True,
+        post_norms=True, qk_norm=True,
+    ),
+}  # fmt: skip
 SUPPORTED = tuple(_FAMILY)
+# GGUF architecture -> fft family (HF's model_type) where the two names differ, and back.
+_FFT_FAMILY = {"gemma3": "gemma3_text"}
+_GGUF_ARCH = {v: k for k, v in _FFT_FAMILY.items()}
 # Architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel and its subclasses).
 _PERMUTED = ("llama",)
 # llama.cpp's defaults when a key is absent (llama-model.cpp): rope base 10000; the rms epsilon
 # HF's configs of these families default to.
 _ROPE_THETA = 10000.0
-_RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6}
-# Families on the way (issue 20, item 3): one clear error instead of a wrong model.
-_NOT_YET = ("gemma", "gemma2", "gemma3", "qwen3")
+_RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6, "gemma3": 1e-6}
+# Gemma 3 as llama.cpp hard-codes it (llama-model.cpp, LLM_ARCH_GEMMA3): every 6th layer global,
+# sliding layers rotate with base 10000 (unscaled), the query scale is head_dim ** -0.5 except
+# for the 27B model (d_model 5376), whose is (d_model / n_heads) ** -0.5 (HF: query_pre_attn_scalar
+# 168). The window itself is stored (`gemma3.attention.sliding_window`); 512 if absent.
+_GEMMA3_PATTERN = 6
+_GEMMA3_LOCAL_THETA = 10000.0
+_GEMMA3_WINDOW = 512
+# Families not read yet: one clear error instead of a wrong model.
+_NOT_YET = ("gemma", "gemma2")
 
 
 class GGUFFile:
@@ -72,15 +91,19 @@ class GGUFFile:
         return self.value(f"{self.arch}.{key}", default)
 
 
+def gguf_arch(family: str) -> str:
+    """The GGUF `general.architecture` of an fft family (`gemma3_text` -> `gemma3`)."""
+    return _GGUF_ARCH.get(family, family)
+
+
 def check_supported(arch: str | None, path: str) -> None:
     """Raises FFTError unless fft can load GGUF architecture `arch`."""
     if arch in _FAMILY:
         return
     if arch in _NOT_YET:
         raise FFTError(
-            f"{path}: GGUF architecture {arch!r} is not supported yet: fft reads llama and "
-            f"qwen2 GGUF files; the {arch} family (sliding-window layers, QK-norm) is still to "
-            "come (issue 20, item 3)."
+            f"{path}: GGUF architecture {arch!r} is not supported yet: fft reads "
+            f"{', '.join(SUPPORTED)} GGUF files; convert the model from its HF directory instead."
         )
     raise FFTError(
         f"{path}: GGUF architecture {arch!r} is not supported; fft reads {', '.join(SUPPORTED)}."
@@ -110,8 +133,10 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         o_bias=has("blk.0.attn_output.bias"),
         mlp_bias=has("blk.0.ffn_up.bias"),
     )
+    if g.arch == "gemma3":
+        kw.update(_gemma3(g, d_model, n_heads, head_dim))
     return ModelConfig(
-        family=g.arch,
+        family=_FFT_FAMILY.get(g.arch, g.arch),
         vocab_size=int(vocab),
         d_model=d_model,
         n_layers=int(g.arch_value("block_count")),
@@ -127,6 +152,37 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         tie_embeddings="output.weight" not in g.tensors,
         **kw,
     )
+
+
+def _gemma3_defaults(d_model: int, n_heads: int, head_dim: int) -> dict:
+    """What llama.cpp assumes of every gemma3 file (see `_GEMMA3_PATTERN`)."""
+    scalar = d_model / n_heads if d_model == 5376 else head_dim
+    return dict(
+        **_FAMILY["gemma3"],
+        sliding_window_pattern=_GEMMA3_PATTERN,
+        rope_local_theta=_GEMMA3_LOCAL_THETA,
+        query_scale=float(scalar) ** -0.5,
+        logit_softcap=0.0,
+        attn_softcap=0.0,
+    )
+
+
+def config_from_gemma3_defaults(cfg: ModelConfig) -> dict:
+    """The settings a gemma3 GGUF of `cfg`'s shapes implies (the export checks `cfg` has them)."""
+    return _gemma3_defaults(cfg.d_model, cfg.n_heads, cfg.head_dim)
+
+
+def _gemma3(g: GGUFFile, d_model: int, n_heads: int, head_dim: int) -> dict:
+    """The Gemma 3 settings beyond `_FAMILY`: the stored window, the rest llama.cpp's."""
+    out = _gemma3_defaults(d_model, n_heads, head_dim)
+    for key in _FAMILY["gemma3"]:
+        del out[key]
+    return out | dict(sliding_window=int(g.arch_value("attention.sliding_window", _GEMMA3_WINDOW)))
+
+
+def norm_shift(cfg: ModelConfig, hf_name: str) -> float:
+    """What GGUF adds to HF tensor `hf_name`: `norm_offset` for gemma norms, else 0."""
+    return cfg.norm_offset if hf_name.endswith("norm.weight") else 0.0
 
 
 def _f32(x) -> float:
@@ -150,7 +206,7 @@ def tensor_names(cfg: ModelConfig) -> dict[str, str]:
 
     from fft.interop import hf_layout
 
-    arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[cfg.family]
+    arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[gguf_arch(cfg.family)]
     table = gguf.get_tensor_name_map(arch, cfg.n_layers)
     out = {}
     for entry in hf_layout.layout(cfg):
@@ -215,7 +271,10 @@ class TensorReader:
         # The reader gives numpy order (ggml's dims reversed), which is HF's [out, in].
         w = np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
         heads = qk_heads(self._cfg, name)
-        return w if heads is None else unpermute_qk(w, heads)
+        if heads is not None:
+            w = unpermute_qk(w, heads)
+        shift = norm_shift(self._cfg, name)
+        return w - np.float32(shift) if shift else w
 
 
 def load_spec(path: str | os.PathLike):

@@ -2,8 +2,9 @@
 
 The tensors are the HF export's (`hf.hf_tensors`: LoRA folded, HF `[out, in]` layout) renamed
 by the `gguf` package's name table, with Q/K rows put back into llama.cpp's order for Llama-
-family models (`gguf.permute_qk`). Norms and biases stay f32, as llama.cpp's converter keeps
-1-D tensors; q8_0 falls back to f16 for a matrix whose rows are not whole 32-value blocks.
+family models (`gguf.permute_qk`) and gemma norms stored as `1 + w` (`gguf.norm_shift`).
+Norms and biases stay f32, as llama.cpp's converter keeps 1-D tensors; q8_0 falls back to f16
+for a matrix whose rows are not whole 32-value blocks.
 The tokenizer goes in as llama.cpp's metadata (`gguf_tokenizer.write`), so llama.cpp, Ollama
 and transformers (`from_pretrained(dir, gguf_file=...)`) all read the file.
 """
@@ -48,7 +49,7 @@ def write_gguf(
     Args:
       model_or_state: an fft Transformer, its param nnx.State, or a flat
         `{'layers.0.attn.q.kernel': array}` dict (LoRA adapters are folded in).
-      model_config: its ModelConfig; family llama or qwen2.
+      model_config: its ModelConfig; family llama, qwen2, qwen3 or gemma3_text.
       out_path: the file to write (its directory is created).
       tokenizer: the fft tokenizer to store (byte-level BPE or sentencepiece); None writes a
         file without one, which llama.cpp cannot run.
@@ -68,13 +69,14 @@ def write_gguf(
     if quant not in QUANTS:
         raise FFTError(f"GGUF quant={quant!r}: choose one of {', '.join(QUANTS)}")
     cfg = hf.real_config(model_config)  # padding rows (masked in fft) are not written
-    gguf_in.check_supported(cfg.family, "the model to export")
+    arch = gguf_in.gguf_arch(cfg.family)
+    gguf_in.check_supported(arch, "the model to export")
     # llama.cpp wires each architecture as HF's class of that name does: the same check.
     hf.config_to_hf(cfg)
     out_path = os.fspath(out_path)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     names = gguf_in.tensor_names(cfg)
-    writer = gguf.GGUFWriter(out_path, cfg.family)
+    writer = gguf.GGUFWriter(out_path, arch)
     _write_config(writer, cfg, name, quant)
     if tokenizer is not None:
         gguf_tokenizer.write(writer, tokenizer)
@@ -83,6 +85,9 @@ def write_gguf(
         heads = gguf_in.qk_heads(cfg, hf_name)
         if heads is not None:
             arr = gguf_in.permute_qk(arr, heads)
+        shift = gguf_in.norm_shift(cfg, hf_name)
+        if shift:
+            arr = arr + np.float32(shift)
         qtype = _qtype(quant, arr)
         writer.add_tensor(names[hf_name], quantize(arr, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
@@ -116,3 +121,17 @@ def _write_config(writer, cfg, name: str, quant: str) -> None:
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_rope_freq_base(float(cfg.rope_theta))
     writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
+    if cfg.family == "gemma3_text":
+        _check_gemma3_defaults(cfg)
+        writer.add_sliding_window(int(cfg.sliding_window))
+
+
+def _check_gemma3_defaults(cfg) -> None:
+    """A gemma3 GGUF stores only the window: the rest must be what llama.cpp hard-codes."""
+    want = gguf_in.config_from_gemma3_defaults(cfg)
+    bad = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
+    if bad:
+        raise FFTError(
+            f"GGUF export: this gemma3 model has {bad}, but a gemma3 GGUF cannot store them "
+            f"(llama.cpp assumes {want}); export it as HF instead (--format=hf)."
+        )

@@ -5,6 +5,9 @@ per token), the BPE merges, the special ids, the chat template, and the name of 
 pre-tokenizer (`tokenizer.ggml.pre`, a regex llama.cpp hard-codes). `from_gguf` rebuilds a
 HuggingFace `tokenizers.Tokenizer` from them (byte-level BPE: the pre-tokenizer of `_PRE`, a
 ByteLevel decoder, control tokens as special added tokens) and wraps it in fft's HFTokenizer.
+Gemma's files hold a sentencepiece-style (`llama`) vocabulary without merges; `_gemma_bpe`
+rebuilds it as transformers' GGUF reader does (BPE with byte fallback, spaces as U+2581, merges
+recovered from the vocabulary in file order), so both give the same ids.
 
 `write` does the reverse for `fft.interop.gguf_export`: a byte-level BPE HFTokenizer becomes
 llama.cpp's `gpt2` tokenizer model; a sentencepiece tokenizer (fft's own) becomes its `llama`
@@ -17,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 
 from fft import tokenizers as fft_tokenizers
 from fft.config_lib import FFTError
@@ -24,7 +28,8 @@ from fft.config_lib import FFTError
 log = logging.getLogger(__name__)
 
 # llama.cpp's token types (gguf.TokenType; sentencepiece numbers its piece types the same way).
-_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # sentencepiece's byte-fallback pieces
 _SPM_KEY = "fft.tokenizer.spm"  # base64 sentencepiece ModelProto, written by fft only
 
 # The splitting regexes llama.cpp applies before BPE (llama-vocab.cpp), by `tokenizer.ggml.pre`.
@@ -71,7 +76,7 @@ def from_gguf(g) -> fft_tokenizers.Tokenizer | None:
 
     Raises:
       FFTError for tokenizer models fft cannot rebuild yet (sentencepiece-style `llama` files
-      that fft did not write, e.g. Gemma's).
+      that neither fft wrote nor a Gemma model carries, e.g. Llama 2's).
     """
     kind = g.value("tokenizer.ggml.model")
     if kind is None:
@@ -81,15 +86,20 @@ def from_gguf(g) -> fft_tokenizers.Tokenizer | None:
     if kind == "llama" and g.value(_SPM_KEY):
         proto = base64.b64decode(g.value(_SPM_KEY))
         return fft_tokenizers.SentencePieceTokenizer(proto, chat_template=chat_template)
-    if kind != "gpt2":
+    gemma = kind == "llama" and str(g.arch).startswith("gemma")
+    if kind != "gpt2" and not gemma:
         raise FFTError(
             f"{g.path}: GGUF tokenizer model {kind!r} is not supported yet; fft rebuilds "
-            "byte-level BPE ('gpt2') tokenizers (sentencepiece-style ones come with Gemma 3)."
+            "byte-level BPE ('gpt2') tokenizers and Gemma's sentencepiece-style ones."
         )
     tokens = list(g.value("tokenizer.ggml.tokens"))
     types = list(g.value("tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in g.value("tokenizer.ggml.merges", [])]
-    tok = _byte_level_bpe(tokens, types, merges, g.value("tokenizer.ggml.pre"))
+    if gemma:
+        unk = g.value("tokenizer.ggml.unknown_token_id")
+        tok = _gemma_bpe(tokens, types, tokens[int(unk)] if unk is not None else "<unk>")
+    else:
+        merges = [tuple(m.split(" ", 1)) for m in g.value("tokenizer.ggml.merges", [])]
+        tok = _byte_level_bpe(tokens, types, merges, g.value("tokenizer.ggml.pre"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast"}
     for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
         i = g.value(f"tokenizer.ggml.{key}_token_id")
@@ -102,6 +112,47 @@ def from_gguf(g) -> fft_tokenizers.Tokenizer | None:
     if chat_template:
         config["chat_template"] = chat_template
     return fft_tokenizers.HFTokenizer(tok, config)
+
+
+def _gemma_bpe(tokens: list[str], types: list[int], unk: str):
+    """Gemma's vocabulary as a `tokenizers` BPE (transformers' `gemma_tokenizer` +
+    `GemmaTokenizer`, so the ids agree with `AutoTokenizer.from_pretrained(gguf_file=...)`).
+
+    Two things the file leaves to the reader: tokens of two or more spaces are stored as real
+    spaces but looked up as U+2581 runs (respelled here), and there are no merges: every split
+    of a token into two tokens is a merge, ranked by the token's position in the file (Gemma's
+    scores do not follow its merge order), then by the pieces' lengths.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers as pt
+
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}  # a repeated spelling: its last id, as HF
+    ranked = []
+    for merged, index in vocab.items():
+        pairs = [
+            (merged[:k], merged[k:])
+            for k in range(1, len(merged))
+            if merged[:k] in vocab and merged[k:] in vocab
+        ]
+        pairs.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
+        ranked += [(index, len(a), len(b), a, b) for a, b in pairs]
+    # transformers sorts (-index, len a, len b) descending, stably: file order first, then the
+    # longer left piece, then the longer right piece; ties keep their insertion order.
+    ranked.sort(key=lambda m: (m[0], -m[1], -m[2]))
+    merges = [(a, b) for *_, a, b in ranked]
+    model = models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk, byte_fallback=True)
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pt.Split(" ", behavior="merged_with_previous", invert=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    special = [t for t, k in zip(tokens, types, strict=True) if k == _CONTROL]
+    added = [t for t, k in zip(tokens, types, strict=True) if k == _USER_DEFINED]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    return tok
 
 
 def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[tuple], pre: str | None):
@@ -137,6 +188,8 @@ def write(writer, tokenizer) -> None:
     """
     if isinstance(tokenizer, fft_tokenizers.SentencePieceTokenizer):
         _write_sentencepiece(writer, tokenizer)
+    elif isinstance(tokenizer, fft_tokenizers.HFTokenizer) and _is_gemma(tokenizer):
+        _write_gemma(writer, tokenizer)
     elif isinstance(tokenizer, fft_tokenizers.HFTokenizer):
         _write_bpe(writer, tokenizer)
     else:
@@ -173,6 +226,44 @@ def _write_bpe(writer, tokenizer) -> None:
     writer.add_token_merges(merges)
     config = getattr(tokenizer, "config", {})
     writer.add_add_bos_token(bool(config.get("add_bos_token", False)))
+
+
+def _is_gemma(tokenizer) -> bool:
+    """Whether an HFTokenizer is Gemma's shape (`_gemma_bpe`): BPE with byte fallback over
+    U+2581-for-space text."""
+    state = json.loads(tokenizer.backend.to_str())
+    norm = state.get("normalizer") or {}
+    return (
+        state["model"].get("type") == "BPE"
+        and bool(state["model"].get("byte_fallback"))
+        and norm.get("type") == "Replace"
+        and norm.get("content") == "\u2581"
+    )
+
+
+def _write_gemma(writer, tokenizer) -> None:
+    """Gemma's vocabulary as llama.cpp's `llama` (sentencepiece) model. Scores are `-id`: the
+    merge order of `_gemma_bpe` (file order), which llama.cpp's highest-score-first merging
+    then follows too."""
+    state = json.loads(tokenizer.backend.to_str())
+    n = tokenizer.vocab_size
+    tokens, types = [f"[PAD{i}]" for i in range(n)], [_UNUSED] * n
+    for t, i in state["model"]["vocab"].items():
+        tokens[i], types[i] = t, _BYTE if _BYTE_PIECE.fullmatch(t) else _NORMAL
+    for added in state.get("added_tokens", []):
+        i = added["id"]
+        tokens[i], types[i] = added["content"], _CONTROL if added["special"] else _USER_DEFINED
+    unk = state["model"].get("unk_token")
+    if unk in state["model"]["vocab"]:
+        types[state["model"]["vocab"][unk]] = _UNKNOWN
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(i) for i in range(n)])
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(False)
+    config = getattr(tokenizer, "config", {})
+    writer.add_add_bos_token(bool(config.get("add_bos_token", True)))
 
 
 def _pre_name(pre_state) -> str:

@@ -2,7 +2,9 @@
 
 Both rope spellings are read: transformers >= 5 writes `rope_parameters` (theta + scaling in one
 dict), older versions `rope_theta` + `rope_scaling`. Export writes `rope_parameters` plus the old
-`rope_theta` so either generation of transformers loads it.
+`rope_theta` so either generation of transformers loads it. Gemma 3's `rope_parameters` is
+keyed by layer type (`full_attention`, `sliding_attention`); older files say `rope_theta` and
+`rope_local_base_freq`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from fft.config_lib import FFTError
 from fft.models.config import ModelConfig
 from fft.models.encoder import EncoderConfig
 
-SUPPORTED = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gpt2", "bert")
+SUPPORTED = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "bert",
+)  # fmt: skip
 
 _ACTS = {
     "silu": "silu",
@@ -28,8 +32,10 @@ _ARCH = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertModel",
 }
@@ -46,8 +52,13 @@ def _act(hf: dict, *keys: str) -> str:
 
 
 def _rope(hf: dict) -> tuple[float, dict | None]:
-    """(theta, scaling) from either rope spelling; scaling None for the default rope."""
+    """(theta, scaling) from either rope spelling; scaling None for the default rope.
+
+    For a Gemma 3 config, those of its global (`full_attention`) layers.
+    """
     params = dict(hf.get("rope_parameters") or {})
+    if "full_attention" in params:
+        params = dict(params["full_attention"] or {})
     theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     scaling = params or dict(hf.get("rope_scaling") or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -132,7 +143,12 @@ def config_from_hf(hf: dict) -> ModelConfig | EncoderConfig:
         if hf.get("use_sliding_window"):
             raise FFTError("HF qwen2 use_sliding_window=True is not supported by fft")
         kw.update(qkv_bias=True, act=_act(hf, "hidden_act"))
-    else:  # gemma, gemma2
+    elif mt == "qwen3":
+        if hf.get("use_sliding_window"):
+            raise FFTError("HF qwen3 use_sliding_window=True is not supported by fft")
+        bias = bool(hf.get("attention_bias", False))
+        kw.update(qkv_bias=bias, o_bias=bias, qk_norm=True, act=_act(hf, "hidden_act"))
+    else:  # gemma, gemma2, gemma3_text
         kw.update(
             norm_offset=1.0, embed_scale=True, mlp="geglu",
             act=_act(hf, "hidden_activation", "hidden_act"),
@@ -142,7 +158,54 @@ def config_from_hf(hf: dict) -> ModelConfig | EncoderConfig:
             kw.update(qkv_bias=True, o_bias=True)
         if mt == "gemma2":
             kw.update(_gemma2(hf))
+        if mt == "gemma3_text":
+            kw.update(_gemma3(hf))
     return ModelConfig(family=mt, **kw)
+
+
+def _gemma3(hf: dict) -> dict[str, Any]:
+    """Gemma 3 text: gemma2's four norms and query scale, QK-norm, a local/global layer pattern
+    (every `p`-th layer global; HF's `layer_types`, or the older `sliding_window_pattern`) and a
+    separate rotary base for the local layers."""
+    if hf.get("use_bidirectional_attention"):
+        raise FFTError("HF gemma3 use_bidirectional_attention=True is not supported by fft")
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types")
+    if types is None:
+        p = int(hf.get("sliding_window_pattern") or 6)
+    else:
+        full = [i for i, t in enumerate(types) if t == "full_attention"]
+        p = full[0] + 1 if full else 1
+        if full and p == 1:  # every layer global: no window
+            p = 0
+        want = [
+            "sliding_attention" if p == 1 or (p and (i + 1) % p) else "full_attention"
+            for i in range(n)
+        ]
+        if list(types) != want:
+            raise FFTError(
+                "HF gemma3 layer_types other than 'every p-th layer full_attention' are "
+                f"unsupported: {list(types)}"
+            )
+    params = hf.get("rope_parameters") or {}
+    local = dict(params.get("sliding_attention") or {})
+    if local.get("rope_type", "default") != "default":
+        raise FFTError(f"HF gemma3 sliding-layer rope {local} is not supported (default only)")
+    local_theta = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
+    window = int(hf.get("sliding_window") or 0) if p else 0
+    theta, scaling = _rope(hf)
+    if local_theta == theta and scaling is None:
+        local_theta = 0.0  # one spelling: 0 = the local layers rotate as the global ones
+    return dict(
+        post_norms=True,
+        qk_norm=True,
+        logit_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+        attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+        query_scale=float(hf.get("query_pre_attn_scalar", hf.get("head_dim", 256))) ** -0.5,
+        sliding_window=window,
+        sliding_window_pattern=max(p, 1) if window else 1,
+        rope_local_theta=local_theta if window else 0.0,
+    )
 
 
 def _gemma2(hf: dict) -> dict[str, Any]:
@@ -199,14 +262,37 @@ def config_to_hf(cfg: ModelConfig | EncoderConfig) -> dict[str, Any]:
         hidden_act=act[cfg.act], rope_theta=cfg.rope_theta, rope_parameters=rope,
         tie_word_embeddings=cfg.tie_embeddings,
     )  # fmt: skip
-    if fam in ("llama", "mistral", "gemma", "gemma2"):
+    if fam in ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "qwen3"):
         out["attention_bias"] = cfg.qkv_bias
     if fam == "llama":
         out["mlp_bias"] = cfg.mlp_bias
     if fam == "mistral":
         out["sliding_window"] = cfg.sliding_window or None
-    if fam in ("gemma", "gemma2"):
+    if fam == "qwen3":
+        out["use_sliding_window"] = False
+    if fam in ("gemma", "gemma2", "gemma3_text"):
         out["hidden_activation"] = act[cfg.act]
+    if fam == "gemma3_text":
+        window = cfg.sliding_window
+        pattern = cfg.sliding_window_pattern if window else 0
+        local_theta = cfg.rope_local_theta or cfg.rope_theta
+        out |= dict(
+            final_logit_softcapping=cfg.logit_softcap or None,
+            attn_logit_softcapping=cfg.attn_softcap or None,
+            query_pre_attn_scalar=_int_if_whole((cfg.query_scale or cfg.head_dim**-0.5) ** -2),
+            # HF needs a window even when no layer is local; 4096 is its default.
+            sliding_window=window or 4096,
+            layer_types=[
+                "sliding_attention" if cfg.is_local_layer(i) else "full_attention"
+                for i in range(cfg.n_layers)
+            ],
+            rope_parameters={
+                "full_attention": rope,
+                "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+            },
+            rope_local_base_freq=local_theta,
+            sliding_window_pattern=pattern or cfg.n_layers + 1,
+        )
     if fam == "gemma2":
         out |= dict(
             final_logit_softcapping=cfg.logit_softcap or None,
@@ -237,22 +323,46 @@ _FIXED = {
                   mlp_bias=False),
     "gemma2": dict(norm="rms", norm_offset=1.0, pos="rope", mlp="geglu", embed_scale=True,
                    post_norms=True, mlp_bias=False),
+    "gemma3_text": dict(norm="rms", norm_offset=1.0, pos="rope", mlp="geglu", embed_scale=True,
+                        post_norms=True, mlp_bias=False, qk_norm=True),
+    "qwen3": dict(norm="rms", norm_offset=0.0, pos="rope", mlp="swiglu", embed_scale=False,
+                  logit_softcap=0.0, attn_softcap=0.0, sliding_window=0, post_norms=False,
+                  mlp_bias=False, qk_norm=True),
     "gpt2": dict(norm="layer", pos="learned", mlp="gelu", qkv_bias=True, o_bias=True,
                  mlp_bias=True, embed_scale=False, logit_softcap=0.0, attn_softcap=0.0,
                  sliding_window=0, post_norms=False, norm_bias=True),
 }  # fmt: skip
 
 
+# Families whose HF class has one `attention_bias` switch for q/k/v and o alike.
+_TIED_BIAS = ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "qwen3")
+# New switches the older HF classes hard-code off (qwen3/gemma3 list theirs in _FIXED).
+_OFF = dict(qk_norm=False, rope_local_theta=0.0)
+_FREE = {"gemma3_text": ("rope_local_theta",)}  # ... except where the family's class has it
+
+
 def _check_expressible(cfg: ModelConfig) -> None:
-    bad = {k: getattr(cfg, k) for k, v in _FIXED[cfg.family].items() if getattr(cfg, k) != v}
-    if cfg.family not in ("gemma2", "gpt2") and cfg.query_scale not in (None, cfg.head_dim**-0.5):
+    off = {k: v for k, v in _OFF.items() if k not in _FREE.get(cfg.family, ())}
+    fixed = off | _FIXED[cfg.family]
+    bad = {k: getattr(cfg, k) for k, v in fixed.items() if getattr(cfg, k) != v}
+    if cfg.family not in ("gemma2", "gemma3_text", "gpt2") and cfg.query_scale not in (
+        None,
+        cfg.head_dim**-0.5,
+    ):
         bad["query_scale"] = cfg.query_scale
-    if cfg.family in ("llama", "mistral", "gemma", "gemma2") and cfg.qkv_bias != cfg.o_bias:
+    if cfg.family in _TIED_BIAS and cfg.qkv_bias != cfg.o_bias:
         bad["o_bias"] = cfg.o_bias
     if cfg.family == "gpt2" and cfg.n_kv_heads != cfg.n_heads:
         bad["n_kv_heads"] = cfg.n_kv_heads
     if cfg.family == "gemma2" and cfg.sliding_window and cfg.sliding_window_pattern != 2:
         bad["sliding_window_pattern"] = cfg.sliding_window_pattern
+    if (
+        cfg.family == "gemma3_text"
+        and cfg.sliding_window
+        and cfg.rope_scaling
+        and not cfg.rope_local_theta
+    ):  # fft's local layers would rotate scaled; HF's sliding layers always use plain rope
+        bad["rope_local_theta"] = cfg.rope_local_theta
     if cfg.family == "mistral" and cfg.sliding_window and cfg.sliding_window_pattern != 1:
         bad["sliding_window_pattern"] = cfg.sliding_window_pattern
     if bad:

@@ -94,9 +94,12 @@ def _decoder_layout(cfg: ModelConfig) -> list[Entry]:
                     _reshaped(f"{a}.{name}_proj.bias", (*fp, "attn", name, "bias"), (heads, dh))
                 )
         out.append(_linear(f"{a}.o_proj.weight", (*fp, "attn", "o", "kernel"), (h, dh), (d,)))
+        if cfg.qk_norm:  # qwen3/gemma3: per-head norms on q and k, [head_dim] each
+            out += _norm(f"{a}.q_norm", (*fp, "attn", "q_norm"), layer_norm)
+            out += _norm(f"{a}.k_norm", (*fp, "attn", "k_norm"), layer_norm)
         if cfg.o_bias:
             out.append(_copy(f"{a}.o_proj.bias", (*fp, "attn", "o", "bias")))
-        if cfg.post_norms:  # gemma2: norms after attention and MLP as well as before
+        if cfg.post_norms:  # gemma2/3: norms after attention and MLP as well as before
             out += _norm(f"{hp}.post_attention_layernorm", (*fp, "post_attn_norm"), layer_norm)
             out += _norm(f"{hp}.pre_feedforward_layernorm", (*fp, "mlp_norm"), layer_norm)
             out += _norm(f"{hp}.post_feedforward_layernorm", (*fp, "post_mlp_norm"), layer_norm)

@@ -1,7 +1,7 @@
 """ModelConfig: one frozen, JSON-able description of a decoder (or encoder) model.
 
-Every model family (Llama, Mistral, Qwen2, Gemma, Gemma2, GPT-2, BERT) is a setting of these
-fields; `family` is informational only, the code branches on the individual switches.
+Every model family (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3, GPT-2, BERT) is a
+setting of these fields; `family` is informational only, the code branches on the switches.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ VOCAB_MULTIPLE = 128
 class ModelConfig:
     """Architecture of a transformer. See docs/architecture.md for what each field means."""
 
-    family: str = "llama"  # informational: llama|mistral|qwen2|gemma|gemma2|gpt2|bert
+    family: str = "llama"  # informational: the HF model_type (llama, qwen3, gemma3_text, ...)
     vocab_size: int  # rows of the embedding table (and columns of the output layer)
     real_vocab_size: int = 0  # ids below it are tokens, the rest padding rows; 0 = vocab_size
     d_model: int  # width of the residual stream
@@ -49,6 +49,7 @@ class ModelConfig:
     pos: str = "rope"  # 'rope' | 'learned' | 'none'
     rope_theta: float = 10000.0  # rotary base
     rope_scaling: dict | None = None  # HF style: {'rope_type': 'linear'|'llama3', 'factor': ...}
+    rope_local_theta: float = 0.0  # gemma3: unscaled rotary base of sliding-window layers; 0 = same
     mlp: str = "swiglu"  # 'swiglu' | 'geglu' (gated, activation = act) | 'gelu' (plain, act)
     act: str = "silu"  # activation of the MLP
     qkv_bias: bool = False  # bias on q/k/v projections (qwen2, gpt2)
@@ -61,7 +62,8 @@ class ModelConfig:
     query_scale: float | None = None  # None = head_dim ** -0.5
     sliding_window: int = 0  # 0 = none; else a query sees the last `sliding_window` tokens
     sliding_window_pattern: int = 1  # 1 = every layer local; k = every k-th layer global
-    post_norms: bool = False  # gemma2: extra norms after attention and MLP
+    post_norms: bool = False  # gemma2/3: extra norms after attention and MLP
+    qk_norm: bool = False  # qwen3/gemma3: a norm over head_dim on each q and k head, before rope
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters
     remat: str = "none"  # none | full | dots | save_qkv | offload (transformer._remat_policy)
@@ -107,6 +109,8 @@ class ModelConfig:
                 )
         if self.quant_block < 1:
             raise ConfigError(f"ModelConfig.quant_block={self.quant_block} must be >= 1.")
+        if self.rope_local_theta < 0:
+            raise ConfigError("ModelConfig.rope_local_theta must be >= 0 (0 = rope_theta).")
         if self.sliding_window_pattern < 1:
             raise ConfigError("ModelConfig.sliding_window_pattern must be >= 1.")
 
@@ -122,6 +126,9 @@ class ModelConfig:
             del d["real_vocab_size"]
         if d["quant"] == "none":  # likewise for full-precision models
             del d["quant"], d["quant_block"]
+        for key in ("rope_local_theta", "qk_norm"):  # likewise for the families without them
+            if not d[key]:
+                del d[key]
         if d["rope_scaling"] is not None:
             d["rope_scaling"] = dict(d["rope_scaling"])
         return d

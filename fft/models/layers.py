@@ -336,7 +336,7 @@ def apply_rope(x_btnh, cos, sin):
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with grouped KV heads (GQA/MQA), rotary, softcap, KV cache.
+    """Multi-head attention with grouped KV heads (GQA/MQA), rotary, QK-norm, softcap, KV cache.
 
     Without a cache the mask is an `attention.TrainMask` built once per forward by the
     transformer and the math is the backend of `cfg.attention` (fft.models.attention). With a
@@ -366,6 +366,12 @@ class Attention(nnx.Module):
         self.o = Linear(
             (h, dh), (d,), names=("heads", "head_dim", "embed"), use_bias=cfg.o_bias, **kw
         )
+        if cfg.qk_norm:
+            # qwen3/gemma3: one norm over head_dim shared by all heads (the config's norm kind,
+            # so gemma's (1 + w)), on q and k after the projection and before rope.
+            self.q_norm = make_norm(cfg, dh)
+            self.k_norm = make_norm(cfg, dh)
+        self.qk_norm = cfg.qk_norm
         self.n_heads, self.n_kv_heads, self.head_dim = h, k, dh
         self.scale = float(cfg.query_scale if cfg.query_scale is not None else dh**-0.5)
         self.softcap = float(cfg.attn_softcap)
@@ -392,6 +398,8 @@ class Attention(nnx.Module):
         q_btnh = checkpoint_name(q_btnh, "query_proj")
         k_btkh = checkpoint_name(k_btkh, "key_proj")
         v_btkh = checkpoint_name(v_btkh, "value_proj")
+        if self.qk_norm:
+            q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         if self.use_rope:
             q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
 

@@ -1,9 +1,9 @@
-"""The decoder-only LM family (Llama, Mistral, Qwen2, Gemma, Gemma2, GPT-2 by config).
+"""The decoder-only LM family (Llama, Mistral, Qwen2/3, Gemma, Gemma2/3, GPT-2 by config).
 
 Param tree (docs/architecture.md): `embed`, `pos_embed` (learned positions), `layers.<i>.{attn_norm,
-attn.{q,k,v,o}, mlp_norm, mlp.{gate,up,down}, post_attn_norm, post_mlp_norm}`, `final_norm`,
-`lm_head` (untied). With `scan_layers=True`, `layers` is one Block whose params carry a leading
-`layers` axis of size n_layers and the forward pass is a `lax.scan` over it.
+attn.{q,k,v,o,q_norm,k_norm}, mlp_norm, mlp.{gate,up,down}, post_attn_norm, post_mlp_norm}`,
+`final_norm`, `lm_head` (untied). With `scan_layers=True`, `layers` is one Block whose params
+carry a leading `layers` axis of size n_layers and the forward pass is a `lax.scan` over it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ from fft.models.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-    """Static-size KV cache: `k, v` per layer `[B, K, S, Dh]`, next slot `index`, `valid [B,S]`."""
+    """Static-size KV cache: `k, v` per layer `[B, K, S, Dh]`, next slot `index`, `valid [B,S]`.
+
+    Sliding-window layers (mistral, gemma2/3) keep a *masked full cache*: every layer has all S
+    slots and a local layer's bias hides the slots more than `sliding_window` behind the query
+    (`layers.cache_bias`), so it sees what the train-time mask shows. Simple and exact; a ring
+    buffer of `sliding_window` slots would save memory on long generations, not compute here.
+    """
 
     k: tuple
     v: tuple
@@ -138,6 +144,12 @@ class Transformer(nnx.Module):
             if cfg.pos == "rope"
             else None
         )
+        # gemma3: sliding-window layers rotate with their own (unscaled) base.
+        self.inv_freq_local = (
+            tuple(L.rope_inv_freq(cfg.head_dim, cfg.rope_local_theta).tolist())
+            if cfg.pos == "rope" and cfg.rope_local_theta and any(self.local_layers)
+            else None
+        )
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -159,7 +171,7 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         x_btd = self._embed(tokens, positions)
-        cos, sin = self._rope(positions)
+        ropes = self._ropes(positions)
         backend = attention.resolve(self.cfg.attention, self.cfg.dtype)
         bias_g = attention.train_mask(backend, segment_ids) if not all(self.local_layers) else None
         bias_l = (
@@ -167,7 +179,7 @@ class Transformer(nnx.Module):
             if any(self.local_layers)
             else None
         )
-        x_btd = self._run_layers(x_btd, cos, sin, bias_g, bias_l)
+        x_btd = self._run_layers(x_btd, ropes, bias_g, bias_l)
         return self.final_norm(x_btd)
 
     def logits(self, hidden_btd):
@@ -220,7 +232,7 @@ class Transformer(nnx.Module):
         index = cache.index
         valid = jax.lax.dynamic_update_slice(cache.valid, token_mask.astype(bool), (0, index))
         x_btd = self._embed(tokens, positions)
-        cos, sin = self._rope(positions)
+        ropes = self._ropes(positions)
         bias_g = L.cache_bias(valid, index, t)
         bias_l = (
             L.cache_bias(valid, index, t, self.cfg.sliding_window)
@@ -230,6 +242,7 @@ class Transformer(nnx.Module):
         ks, vs = [], []
         for i, block in enumerate(self._blocks()):
             bias = bias_l if self.local_layers[i] else bias_g
+            cos, sin = ropes[self.local_layers[i]]
             x_btd, (k, v) = block(x_btd, cos, sin, bias, (cache.k[i], cache.v[i]), index)
             ks.append(k)
             vs.append(v)
@@ -249,10 +262,14 @@ class Transformer(nnx.Module):
             x_btd = x_btd + self.pos_embed(positions)
         return sharding.constrain(x_btd, L.BTD)
 
-    def _rope(self, positions):
+    def _ropes(self, positions):
+        """((cos, sin) of global layers, (cos, sin) of local ones): index by `is_local`."""
         if self.inv_freq is None:
-            return None, None
-        return L.rope_cos_sin(positions, jnp.asarray(self.inv_freq, jnp.float32))
+            return (None, None), (None, None)
+        glob = L.rope_cos_sin(positions, jnp.asarray(self.inv_freq, jnp.float32))
+        if self.inv_freq_local is None:
+            return glob, glob
+        return glob, L.rope_cos_sin(positions, jnp.asarray(self.inv_freq_local, jnp.float32))
 
     def _blocks(self):
         """The blocks one by one (stacked params are sliced per layer)."""
@@ -264,12 +281,13 @@ class Transformer(nnx.Module):
             for i in range(self.cfg.n_layers)
         ]
 
-    def _run_layers(self, x_btd, cos, sin, bias_g, bias_l):
+    def _run_layers(self, x_btd, ropes, bias_g, bias_l):
         cfg = self.cfg
         if cfg.scan_layers:
-            return self._scan_layers(x_btd, cos, sin, bias_g, bias_l)
+            return self._scan_layers(x_btd, ropes, bias_g, bias_l)
         for i, block in enumerate(self.layers):
             bias = bias_l if self.local_layers[i] else bias_g
+            cos, sin = ropes[self.local_layers[i]]
             if cfg.remat == "none":
                 x_btd, _ = block(x_btd, cos, sin, bias)
                 continue
@@ -283,12 +301,17 @@ class Transformer(nnx.Module):
             )
         return x_btd
 
-    def _scan_layers(self, x_btd, cos, sin, bias_g, bias_l):
+    def _scan_layers(self, x_btd, ropes, bias_g, bias_l):
         graphdef, state = nnx.split(self.layers)
         local = jnp.asarray(self.local_layers)
+        (cos_g, sin_g), (cos_l, sin_l) = ropes
 
         def body(x_btd, xs):
             layer_state, is_local = xs
+            if cos_g is cos_l:
+                cos, sin = cos_g, sin_g
+            else:  # gemma3: this layer's rotary tables
+                cos, sin = jnp.where(is_local, cos_l, cos_g), jnp.where(is_local, sin_l, sin_g)
             if bias_g is None:
                 bias = bias_l
             elif bias_l is None:

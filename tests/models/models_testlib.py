@@ -24,6 +24,13 @@ FAMILIES = {
         logit_softcap=30.0, attn_softcap=50.0, post_norms=True, sliding_window=4,
         sliding_window_pattern=2, query_scale=0.2, tie_embeddings=True, n_kv_heads=1,
     ),
+    "qwen3": MICRO.replace(family="qwen3", qk_norm=True, norm_eps=1e-6),
+    # Layer 0 local (its own rope base), layer 1 global; QK-norm with gemma's (1 + w).
+    "gemma3": MICRO.replace(
+        family="gemma3_text", norm_offset=1.0, mlp="geglu", act="gelu_tanh", embed_scale=True,
+        post_norms=True, qk_norm=True, sliding_window=4, sliding_window_pattern=2,
+        rope_theta=1e6, rope_local_theta=1e4, query_scale=0.2, tie_embeddings=True,
+    ),
 }  # fmt: skip
 
 

@@ -162,7 +162,7 @@ def test_save_qkv_remat_trains_like_none(capsys):
     graphdef, state = nnx.split(block)
     x = jnp.ones((2, 12, MICRO.d_model))
     mask = A.train_mask("xla", seg)
-    cos, sin = model._rope(jnp.broadcast_to(jnp.arange(12), (2, 12)))
+    cos, sin = model._ropes(jnp.broadcast_to(jnp.arange(12), (2, 12)))[0]
 
     def run(state, x):
         return jnp.sum(nnx.merge(graphdef, state)(x, cos, sin, mask)[0])

@@ -83,6 +83,9 @@ def test_param_tree_names(family_cfg):
     assert ("layers.0.post_attn_norm.scale" in flat) == family_cfg.post_norms
     assert ("layers.0.mlp.gate.kernel" in flat) == (family_cfg.mlp != "gelu")
     assert ("layers.0.attn.q.bias" in flat) == family_cfg.qkv_bias
+    assert ("layers.1.attn.k_norm.scale" in flat) == family_cfg.qk_norm
+    if family_cfg.qk_norm:
+        assert flat["layers.1.attn.q_norm.scale"].shape == (family_cfg.head_dim,)
     for name, v in flat.items():
         assert v.get_metadata().get("out_sharding"), f"{name} names no logical axes"
 
