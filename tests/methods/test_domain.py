@@ -136,7 +136,9 @@ def test_vocab_extension_pads_rows_to_128(world, tmp_path, padded):
     emb = _flat(model)["embed.embedding"]
     np.testing.assert_array_equal(emb[:n_old], src["embed.embedding"][:n_old])
     for i, ids in subs.items():
-        np.testing.assert_allclose(emb[i], src["embed.embedding"][ids].mean(0), rtol=1e-6)
+        np.testing.assert_allclose(
+            emb[i], src["embed.embedding"][ids].mean(0), rtol=1e-5, atol=1e-8
+        )
     tokens = np.asarray([tok.encode(t)[:16] for t in world.general_corpus(2)], np.int32)
     logits = np.asarray(model(tokens))
     assert logits.shape[-1] == rows and (logits.argmax(-1) < n_new).all()
