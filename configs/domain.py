@@ -4,7 +4,7 @@ Run (the README's main job; a few minutes on 2 CPU cores once fft:tiny is built)
   python -m fft.main --config=configs/domain.py --workdir=runs/domain
   python -m fft.main --config=configs/domain.py:lora --workdir=runs/domain_lora
   python -m fft.main --config=configs/domain.py:vocab --workdir=runs/domain_vocab
-  python -m fft.main --config=configs/domain.py:smollm2 --workdir=runs/domain_smollm2  # ~20 min
+  python -m fft.main --config=configs/domain.py:smollm2 --workdir=runs/domain_smollm2  # ~30 min
   python -m fft.main --config=configs/domain.py:smoke --workdir=/tmp/domain   # fft:micro, < 1 min
 Your own data: --config.data.train=my_domain.jsonl --config.data.eval=my_domain_test.jsonl
 ({"text": ...} per line); --config.init_from=/path/to/hf_model for a local HF decoder.
@@ -98,7 +98,7 @@ def get_config(variant: str = ""):
         c.optim.lr = 2e-3  # peak lr of the adapters
         c.optim.weight_decay = 0.0  # adapters start at zero: nothing to decay toward
         c.optim.warmup_steps = 4  # short run: a short warmup
-        c.steps = 24  # ~20 min on 2 shared CPU cores (evals included)
+        c.steps = 24  # 32 min on 2 CPU cores at load 9-16 (evals included)
         c.batch_size = 4  # rows per step
         c.seq_len = 256  # tokens per packed row
         c.checkpoint_every = 0  # only the final checkpoint

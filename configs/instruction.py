@@ -10,7 +10,7 @@ Your own model and data (any local HF decoder directory; JSONL of the chosen for
       --config.init_from=/path/to/hf_model --config.data.format=chat \
       --config.data.train=train.jsonl --config.data.eval=test.jsonl
 Variants: '' / 'full' (all weights), 'lora' (LoRA r=8 on every linear), 'smollm2' (LoRA on the
-real SmolLM2-135M-Instruct with its ChatML turns; ~35 min on 2 shared CPU cores), 'smoke'
+real SmolLM2-135M-Instruct with its ChatML turns; ~30 min on 2 shared CPU cores), 'smoke'
 (fft:micro, a few steps; tests and notebooks).
 The keys and what each means: `instruction_config` in fft/config_lib.py (the same recipe builds
 `fft:tiny-sft`, the SFT start of configs/reward.py, rlhf.py and dpo.py).
@@ -56,10 +56,10 @@ def _smollm2(c):
     c.init_from = "smollm2-135m-instruct"  # fft.interop.hub resolves the packaged GGUF
     c.data.template = SMOLLM2_TEMPLATE  # ChatML turns; see SMOLLM2_TEMPLATE
     c.lora.rank = 32  # adapters on every linear layer (q,k,v,o,gate,up,down)
-    c.lora.alpha = 64.0  # scale alpha / rank = 2
-    c.optim.lr = 3e-3  # peak lr of the adapters
-    c.optim.warmup_steps = 10  # linear warmup
-    c.steps = 240  # optimizer steps
+    c.lora.alpha = 32.0  # scale alpha / rank = 1
+    c.optim.lr = 4e-3  # peak lr of the adapters (short run: high)
+    c.optim.warmup_steps = 6  # linear warmup
+    c.steps = 60  # optimizer steps (~15-20 s each on 2 shared cores)
     c.batch_size = 4  # packed rows per step: more, smaller steps learn faster in a short run
     c.seq_len = 128  # an example is ~30-60 tokens: 2-4 per packed row
     c.checkpoint_every = 0  # only the final checkpoint
