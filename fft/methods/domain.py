@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from fft import config_lib, sharding, tokenizers
-from fft.data import pipeline, sources
+from fft.data import pipeline, pydocs, sources
 from fft.data.synthetic import World
 from fft.models.transformer import Transformer
 from fft.train import lm, losses
@@ -67,11 +67,48 @@ def _corpora(config) -> dict[str, list[str]]:
         "domain_eval": _texts(
             config.data.eval, lambda: world.domain_corpus(d.name, d.eval_docs, "test"), bad
         ),
-        "general_train": _texts(d.general_train, lambda: world.general_corpus(d.general_docs), bad),
-        "general_eval": _texts(
-            d.general_eval, lambda: world.general_corpus(d.eval_docs, "test"), bad
-        ),
+        **_general_corpora(config),
     }
+
+
+# Where general text (replay and the general_ppl eval) comes from when no data spec is given.
+GENERAL_SOURCES = ("synthetic", "pydocs")
+
+
+def _general_corpora(config) -> dict[str, list[str]]:
+    """{general_train, general_eval}: the replay texts and the held-out general eval texts.
+
+    `domain.general_source`: 'synthetic' (the synthetic world's general corpus, which fft:tiny
+    was pretrained on) or 'pydocs' (real English: CPython standard-library docstrings, split by
+    module, `fft.data.pydocs`). `domain.general_train` / `general_eval` data specs override it.
+    """
+    d, bad = config.domain, config.data.on_bad_record
+    source = d.get("general_source", "synthetic")
+    if source == "synthetic":
+        world = World(d.world_seed)
+        train, held_out = (lambda: world.general_corpus(d.general_docs),
+                           lambda: world.general_corpus(d.eval_docs, "test"))  # fmt: skip
+    elif source == "pydocs":
+        train, held_out = (lambda: pydocs.texts("train", limit=d.general_docs),
+                           lambda: pydocs.texts("eval", limit=d.eval_docs))  # fmt: skip
+    else:
+        raise config_lib.ConfigError(
+            f"config.domain.general_source={source!r}: choose one of {GENERAL_SOURCES}."
+        )
+    return {
+        "general_train": _texts(d.general_train, train, bad),
+        "general_eval": _texts(d.general_eval, held_out, bad),
+    }
+
+
+def general_source_name(config) -> str:
+    """The name of the general eval text, for results.json (`general_source`)."""
+    d = config.domain
+    if d.general_eval:
+        return d.general_eval
+    if d.get("general_source", "synthetic") == "pydocs":
+        return pydocs.source_name("eval")
+    return f"synthetic:general_corpus:test (World(seed={d.world_seed}))"
 
 
 # =============================================================================================

@@ -143,3 +143,33 @@ def test_vocab_extension_pads_rows_to_128(world, tmp_path, padded):
     logits = np.asarray(model(tokens))
     assert logits.shape[-1] == rows and (logits.argmax(-1) < n_new).all()
     assert logits[..., n_new:].max() < -1e8 < logits[..., :n_new].min()
+
+
+def test_pydocs_general_source_is_held_out_real_text():
+    from fft.data import pydocs
+
+    config = config_lib.load_config(os.path.join(REPO, "configs", "domain.py"), "smollm2")
+    assert config.domain.general_source == "pydocs"
+    general = domain._general_corpora(config)
+    assert general["general_train"] == pydocs.texts("train", limit=config.domain.general_docs)
+    assert general["general_eval"] == pydocs.texts("eval", limit=config.domain.eval_docs)
+    # No eval text is replayed in training.
+    assert not set(general["general_eval"]) & set(pydocs.texts("train"))
+    assert domain.general_source_name(config).startswith("pydoc:stdlib-docstrings:eval (CPython")
+    config.domain.general_source = "wikipedia"
+    with pytest.raises(config_lib.ConfigError, match="general_source='wikipedia'"):
+        domain._general_corpora(config)
+
+
+def test_smoke_run_with_pydocs_names_the_general_source(tmp_path):
+    from fft import main
+
+    config = config_lib.load_config(os.path.join(REPO, "configs", "domain.py"), "smoke")
+    config.domain.general_source = "pydocs"
+    config.domain.vocab.extend = False  # the plain path; the smoke test covers extension
+    results = main.run(config, str(tmp_path))
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert saved["general_source"].startswith("pydoc:stdlib-docstrings:eval")
+    assert saved["eval_docs"]["general"] > 0
+    assert np.isfinite(results["after"]["general_ppl"])
