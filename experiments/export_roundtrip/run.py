@@ -26,7 +26,7 @@ sys.path.insert(0, REPO)
 import fft  # noqa: E402
 from fft.data import formats  # noqa: E402
 from fft.data.synthetic import World  # noqa: E402
-from fft.generate import generate_tokens, left_pad  # noqa: E402
+from fft.sampling import generate_tokens, left_pad  # noqa: E402
 
 
 def _until_stop(ids, stop: int) -> list[int]:

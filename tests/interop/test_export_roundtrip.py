@@ -15,7 +15,7 @@ import fft
 from fft import config_lib
 from fft.data import formats
 from fft.data.synthetic import World
-from fft.generate import generate_tokens, left_pad
+from fft.sampling import generate_tokens, left_pad
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NEW_TOKENS = 10
