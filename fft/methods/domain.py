@@ -333,6 +333,7 @@ def recipe(config, workdir=None, *, base: lm.Base | None = None) -> Recipe:
     def finalize(results: dict) -> dict:
         out = {
             "eval_docs": extras["eval_docs"],
+            "general_source": general_source_name(config),  # the general eval text's source
             "ppl_unit": "per word (whole documents; *_bpb per byte, *_token_ppl per token)",
         }
         if subs:
