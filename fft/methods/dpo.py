@@ -269,7 +269,13 @@ def recipe(config, workdir=None, *, base: lm.Base | None = None) -> Recipe:
     # Full fine-tuning: the reference is a second (sharded) copy of the start; LoRA: the policy
     # itself with its adapters off (no second copy).
     extra = (
-        {} if lora else {"reference": evals.reference_spec(base.model_config, base.load_weights)}
+        {}
+        if lora
+        else {
+            "reference": evals.reference_spec(
+                lm.frozen_model_config(base.model_config, config), base.load_weights
+            )
+        }
     )
 
     def reference(ctx):

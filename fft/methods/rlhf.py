@@ -193,7 +193,9 @@ def recipe(config, workdir=None, *, base: lm.Base | None = None) -> Recipe:
     lora = config.lora.rank > 0
     extra = {}
     if not lora:  # LoRA: the reference is the policy with its adapters off (no second copy)
-        extra["reference"] = evals.reference_spec(base.model_config, base.load_weights)
+        extra["reference"] = evals.reference_spec(
+            lm.frozen_model_config(base.model_config, config), base.load_weights
+        )
     rm = reward_model(config, tokenizer)
     if rm is not None:
         extra["reward"] = rm

@@ -79,6 +79,16 @@ def runtime_options(model_config: ModelConfig, config, platform: str | None = No
     )
 
 
+def frozen_model_config(model_config: ModelConfig, config) -> ModelConfig:
+    """The config of a frozen copy of the start (a DPO / PPO reference): with
+    `model.param_dtype='auto'` its weights are stored in the compute dtype (bf16 on TPU/GPU,
+    halving its memory): it is never updated, so f32 master weights buy it nothing. On CPU the
+    compute dtype is f32 and the copy is exact."""
+    if config.model.get("param_dtype", "float32") == "auto":
+        return model_config.replace(param_dtype=model_config.dtype)
+    return model_config
+
+
 def load_base(config) -> Base:
     """The base named by `config.init_from` (a local path after fft.zoo resolved presets)."""
     spec = pretrained.load_spec(config.init_from)

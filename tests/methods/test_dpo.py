@@ -92,3 +92,17 @@ def test_reference_cache_is_keyed_on_rows_and_reference(tmp_path, capsys):
         assert k != key
         assert dpo._cached_reference(path, k, compute(-3.0))["ref_chosen_logp"][0] == -3.0
     assert calls == [-1.0, -3.0, -3.0]
+
+
+def test_frozen_reference_stores_the_compute_dtype_with_auto_params():
+    """A full-fine-tuning reference is never updated: with model.param_dtype='auto' it keeps
+    its weights in the compute dtype (bf16 on accelerators, half the memory), else as given."""
+    from fft.models import presets
+    from fft.train import lm
+
+    config = config_lib.load_config(os.path.join(ROOT, "configs/dpo.py"), "smoke")
+    mc = presets.get_preset("micro").replace(dtype="bfloat16", param_dtype="float32")
+    config.model.param_dtype = "auto"
+    assert lm.frozen_model_config(mc, config).param_dtype == "bfloat16"
+    config.model.param_dtype = "float32"
+    assert lm.frozen_model_config(mc, config) == mc
