@@ -12,6 +12,12 @@ packing and streaming are a small hand-written iterator because their state must
 (plus the counters at that point), so `set_state()` re-reads those few examples and continues
 with exactly the next batch.
 
+Several hosts: `batch_size` is the global batch and every host yields its rows of it, so that
+the global batch at a step is the same whatever the number of hosts. Unpacked rows of one
+random-access source: each host reads only its blocks of the global order (`_IndexStream`);
+packed rows, mixtures and shard streams: each host reads and packs the whole global stream and
+keeps its slice of each global batch (see make_train_iterator).
+
 Mixture weights can change on resume: each source keeps its own position, and the interleave
 then follows the new weights from that point.
 """
@@ -259,8 +265,11 @@ class DataIterator:
         pad_id: int,
         on_bad_record: str,
         drop_remainder: bool,
+        keep: tuple[int, int] | None = None,
     ):
         self._mixture, self._encode = mixture, encode_fn
+        # Rows [lo, hi) of each batch of `batch_size` rows are yielded (None: all of them).
+        self._keep = keep
         self.seq_len, self.batch_size, self.packing = seq_len, batch_size, packing
         self.pad_id, self.on_bad_record, self.drop_remainder = pad_id, on_bad_record, drop_remainder
         self.stats = dict.fromkeys(STAT_NAMES, 0)
@@ -339,7 +348,11 @@ class DataIterator:
             raise StopIteration
         n = min(self.batch_size, len(self._rows))
         rows = [self._rows.popleft()[0] for _ in range(n)]
-        return pad_batch(_stack(rows), self.batch_size)
+        batch = pad_batch(_stack(rows), self.batch_size)
+        if self._keep is None:
+            return batch
+        lo, hi = self._keep
+        return {k: v[lo:hi] for k, v in batch.items()}
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -390,6 +403,12 @@ def _host_shard(shard_index, shard_count):
     if not 0 <= shard_index < shard_count:
         raise FFTError(f"shard_index {shard_index} is not in [0, {shard_count})")
     return shard_index, shard_count
+
+
+def _is_stream(source) -> bool:
+    return isinstance(source, ShardStream) or (
+        isinstance(source, str) and source.startswith("stream:")
+    )
 
 
 def _as_stream(source, i, *, seed, shuffle, num_epochs, shard, block, on_bad_record):
@@ -446,9 +465,18 @@ def _build(
     if len(weights) != len(sources) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise FFTError(f"mixture weights {list(weights)} do not fit {len(sources)} sources")
     shard = _host_shard(shard_index, shard_count)
-    # batch_size is the global batch: this host reads its rows of it, in blocks of that many
-    # records of the global order (see _IndexStream).
     rows = rows_per_process(batch_size, shard[1])
+    keep = None
+    one_indexed = len(sources) == 1 and not _is_stream(sources[0])
+    if (kwargs["packing"] or not one_indexed) and shard[1] > 1:
+        # A packed row depends on the examples packed before it, and a mixture's (or a shard
+        # stream's) next record on every record before it, so every host reads and packs the
+        # whole global stream into global batches and keeps its rows of each: the same global
+        # batch (and data state) on any number of hosts, for N times the host encoding.
+        keep, rows = (shard[0] * rows, (shard[0] + 1) * rows), batch_size
+        shard = (0, 1)
+    # Unpacked, batch_size is the global batch: this host reads its rows of it, in blocks of
+    # that many records of the global order (see _IndexStream).
     streams = [
         _as_stream(
             s,
@@ -464,7 +492,7 @@ def _build(
     ]
     return DataIterator(
         _Mixture(streams, weights), encode_fn, on_bad_record=on_bad_record, batch_size=rows,
-        **kwargs,
+        keep=keep, **kwargs,
     )  # fmt: skip
 
 
@@ -494,11 +522,16 @@ def make_train_iterator(
         `make_encoder(fmt, tokenizer, max_len=seq_len)` builds one.
       seq_len: T of every row.
       batch_size: the GLOBAL batch (config.batch_size). This process yields batch_size /
-        shard_count rows (an FFTError when that does not divide): its blocks of that many
-        records of one global order, so with one example per row (packing=False) the global
-        batch at step s holds the same records whatever the number of processes. With packing
-        each process packs its own records, so which records share a global batch (and its
-        token count) depends on the number of processes; every record is still read once.
+        shard_count rows (an FFTError when that does not divide), and the global batch at step
+        s (the processes' rows in process order) is the same whatever the number of processes.
+        With one random-access source and one example per row (packing=False) each process
+        reads only its blocks of that many records of one global order. With packing (a row
+        depends on every example packed before it), a mixture or a shard stream, each process
+        reads, encodes and packs the whole global stream into
+        global batches of batch_size rows and keeps its slice `[i * rows, (i + 1) * rows)` of
+        each: the host tokenizes shard_count times more (cheap next to a train step), and
+        `get_state()` and `stats` (global counts) are the same on every process, so such a
+        run can resume on another number of processes.
       packing: pack several examples per row (segment ids); False: one example per row (required
         for preference/ranking/classification).
       shuffle: reshuffle random-access sources every epoch (grain index shuffle).

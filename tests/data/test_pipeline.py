@@ -212,3 +212,98 @@ def test_pairs_and_eval_batches(tokenizer, jsonl):
     )
     validate_batch(b)
     assert b["labels"].dtype == np.int32 and b["labels"].tolist() == [0, 1]
+
+
+def _hosts_global(make, count, steps):
+    """The global batches of `count` hosts (their rows joined in host order), and the hosts'
+    iterators; make(index, count) builds one host's iterator."""
+    its = [make(h, count) for h in range(count)]
+    per_host = [_take(it, steps) for it in its]
+    joined = [
+        {k: np.concatenate([per_host[h][s][k] for h in range(count)]) for k in per_host[0][s]}
+        for s in range(steps)
+    ]
+    return joined, its
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_global_batch_the_same_on_any_host_count(tokenizer, jsonl, make_corpus, packing):
+    # A weighted mixture of two files (domain's shape) of records of very different lengths,
+    # some split into several chunks: packed rows hold several examples each.
+    texts = make_corpus(80, seed=5)
+    a = jsonl("a.jsonl", [{"text": " ".join(texts[i : i + 1 + i % 4])} for i in range(40)])
+    b = jsonl("b.jsonl", [{"text": t} for t in texts[40:]])
+    encode = make_encoder("text", tokenizer, max_len=16, truncation="split")
+
+    def make(index, count):
+        return make_train_iterator(
+            [a, b], encode, seq_len=16, batch_size=4, packing=packing, seed=3,
+            weights=[0.7, 0.3], shard_index=index, shard_count=count,
+        )  # fmt: skip
+
+    one, _ = _hosts_global(make, 1, 12)
+    if packing:
+        assert max(int(b["segment_ids"].max()) for b in one) > 1  # rows do hold several examples
+    for count in (2, 4):
+        joined, its = _hosts_global(make, count, 12)
+        _assert_same(joined, one)
+        if packing:  # every host read the global stream: one data state, one set of counters
+            assert all(it.get_state() == its[0].get_state() for it in its)
+            assert all(it.stats == its[0].stats for it in its)
+
+
+def test_packed_state_resumes_on_another_host_count(tokenizer, jsonl, make_corpus):
+    texts = make_corpus(60, seed=9)
+    path = jsonl("t.jsonl", [{"text": " ".join(texts[i : i + 3])} for i in range(0, 60, 2)])
+    encode = make_encoder("text", tokenizer, max_len=16, truncation="split")
+
+    def make(index, count):
+        return make_train_iterator(
+            path, encode, seq_len=16, batch_size=4, packing=True, seed=1,
+            shard_index=index, shard_count=count,
+        )  # fmt: skip
+
+    reference, _ = _hosts_global(make, 1, 10)
+    # Two hosts train 4 steps and save; the state (the same on both) resumes 1 host and 4 hosts.
+    first, its = _hosts_global(make, 2, 4)
+    _assert_same(first, reference[:4])
+    state = json.loads(json.dumps(its[1].get_state()))
+    for count in (1, 4):
+        resumed = [make(h, count) for h in range(count)]
+        for it in resumed:
+            it.set_state(state)
+        rest = [_take(it, 6) for it in resumed]
+        joined = [
+            {k: np.concatenate([rest[h][s][k] for h in range(count)]) for k in rest[0][s]}
+            for s in range(6)
+        ]
+        _assert_same(joined, reference[4:])
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_stream_mixture_global_batch_on_two_hosts(tmp_path, packing):
+    # continual's shape: a growing shard directory mixed with a replay list and a general list.
+    d = tmp_path / "stream"
+    d.mkdir()
+    for s in range(3):
+        (d / f"{s:03d}.jsonl").write_text(
+            "".join(json.dumps({"src": 1, "i": 10 * s + i}) + "\n" for i in range(7))
+        )
+    replay = [{"src": 2, "i": i} for i in range(5)]
+    general = [{"src": 2, "i": 50 + i} for i in range(9)]
+
+    def encode(r):  # lengths 2..4: several per packed row of 8
+        return {"tokens": [r["src"]] * (1 + r["i"] % 3) + [r["i"] + 10], "loss_mask": [1] * 4}
+
+    def make(index, count):
+        return make_train_iterator(
+            [ShardStream(str(d)), replay, general], encode, seq_len=8, batch_size=4,
+            packing=packing, seed=2, weights=[0.6, 0.1, 0.3], shard_index=index,
+            shard_count=count,
+        )  # fmt: skip
+
+    one, _ = _hosts_global(make, 1, 5)
+    joined, its = _hosts_global(make, 2, 5)
+    _assert_same(joined, one)
+    if packing:
+        assert its[0].get_state() == its[1].get_state()
