@@ -62,6 +62,7 @@ def get_config(variant: str = ""):
     r.reward = "judge"  # 'judge' (the prompt set's own) | 'python:pkg.module:fn' | RM workdir
     r.world_seed = 0  # synthetic world seed (prompts and judge)
     r.prompts = "instructions"  # instructions | reviews | arithmetic: fft.rl.tasks
+    r.chat = False  # prompts in the tokenizer's chat template, a solved problem as first turn
     r.tasks = ""  # comma list of instruction tasks for prompts ('' = all)
     r.train_prompts = 4000  # synthetic training prompts (the stream cycles through them)
     r.eval_prompts = 64  # held-out prompts for true reward / win rate / KL
