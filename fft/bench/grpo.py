@@ -35,6 +35,7 @@ def _config(args):
     c.lora.alpha = 2.0 * args.lora_rank
     r = c.rlhf
     r.algo = args.algo
+    r.chat = bool(args.init_from)  # a real (chat) model gets the config's chat prompts
     r.rollout_batch = args.rollout_batch
     r.group_size = args.group_size
     r.epochs = args.epochs
@@ -45,9 +46,11 @@ def _config(args):
 
 def _base(config, args):
     """The real model of `--init_from`, or a random `--preset` on the synthetic tokenizer."""
+    from fft import zoo
     from fft.train import lm
 
     if config.init_from:
+        config.init_from = zoo.resolve(config.init_from, what="--init_from")  # as fft.main does
         return lm.load_base(config)
     cfg = common.model_config(args.preset, config.seq_len)
     return lm.scratch_base(config, common.synthetic_tokenizer(cfg.vocab_size, args.tokenizer_docs))
