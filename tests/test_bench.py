@@ -41,6 +41,11 @@ CASES = {
          "--prompt=16", "--new=4", "--iters=2", *TOK],
         {"params", "ppo_iteration_s", "ppo_time_split"},
     ),
+    "grpo": (
+        ["grpo", "--preset=micro", "--rollout_batch=4", "--group_size=2", "--batch=2",
+         "--epochs=1", "--prompt=16", "--new=4", "--lora_rank=2", "--iters=2", *TOK],
+        {"params", "grpo_iteration_s", "grpo_time_split"},
+    ),
     "packing": (
         ["packing", "--preset=micro", "--seq=64", "--batch=2", "--steps=1", "--rounds=1",
          "--records=40", *TOK],
@@ -72,10 +77,28 @@ def test_subcommand_prints_json_lines(what, capsys):
         ratio = next(d for d in lines if d["metric"] == "lora_vs_full_optimizer_state")
         assert 0 < ratio["value"] < 1
         _check_memory(lines)
+    if what == "grpo":
+        _check_grpo(lines)
     if what == "train":
         tps = next(d for d in lines if d["metric"] == "train_tokens_per_s")
         assert tps["preset"] == "micro" and tps["seq_len"] == 32 and tps["batch"] == 2
         assert tps["value"] > 0 and math.isfinite(tps["loss"])
+
+
+def _check_grpo(lines):
+    """`fft.bench grpo`: one line per iteration (the first with compile), the split of the
+    steady iteration into generation + preparation + training, and both throughputs > 0."""
+    its = [d for d in lines if d["metric"] == "grpo_iteration_s"]
+    assert [d["iteration"] for d in its] == [0, 1] and its[0]["includes_compile"]
+    for d in its:
+        assert d["generation_s"] > 0 and d["training_s"] > 0
+        assert d["generation_s"] + d["prepare_s"] + d["training_s"] <= d["value"] + 1e-6
+        assert 0 < d["response_len"] <= 4 and d["algo"] == "grpo" and d["group_size"] == 2
+    split = next(d for d in lines if d["metric"] == "grpo_time_split")
+    assert split["value"] == pytest.approx(split["generation_s"] / split["iteration_s"])
+    assert 0 < split["value"] < 1 and split["iterations"] == 1
+    assert split["generation_tokens_per_s"] > 0 and split["training_tokens_per_s"] > 0
+    assert split["init_from"] == "random:micro"
 
 
 def _check_memory(lines):

@@ -5,6 +5,7 @@
     memory    params + optimizer bytes: full f32 / bf16 params, LoRA, QLoRA int8 / nf4 (shapes)
     loader    tokenize + pack throughput vs the train step's consumption
     ppo       one PPO iteration's rollout / update time split
+    grpo      one GRPO iteration on arithmetic: generation vs training time and tokens/s
     packing   target tokens/s of instruction tuning, packed vs padded rows
 
 Every line carries `metric`, `value`, `unit` and the settings; names follow

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-WHATS = ("train", "generate", "memory", "loader", "ppo", "packing")
+WHATS = ("train", "generate", "memory", "loader", "ppo", "grpo", "packing")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--lora_rank", type=int, default=4)
     pp.add_argument("--iters", type=int, default=3)
 
+    gr = sub.add_parser("grpo", help="GRPO on arithmetic: generation vs training time, tokens/s")
+    common(gr, "micro")
+    gr.add_argument("--init_from", default="", help="base model ('' = random --preset)")
+    gr.add_argument("--algo", default="grpo", help="registry preset: grpo | dr_grpo | dapo | ...")
+    gr.add_argument("--rollout_batch", type=int, default=16, help="completions per iteration")
+    gr.add_argument("--group_size", type=int, default=8, help="completions per problem")
+    gr.add_argument("--batch", type=int, default=16, help="minibatch rows")
+    gr.add_argument("--epochs", type=int, default=1)
+    gr.add_argument("--prompt", type=int, default=160, help="prompt tokens (left-padded)")
+    gr.add_argument("--new", type=int, default=64, help="max new tokens")
+    gr.add_argument("--lora_rank", type=int, default=8)
+    gr.add_argument("--iters", type=int, default=3)
+
     pk = sub.add_parser("packing", help="instruction tuning, packed vs padded rows")
     common(pk, "tiny")
     pk.add_argument("--seq", type=int, default=256)
@@ -95,7 +108,7 @@ def main(argv=None) -> int:
     from fft.config_lib import FFTError
 
     common.set_base(**common.base_settings(), bench=args.what)
-    from fft.bench import generate, loader, memory, ppo, train
+    from fft.bench import generate, grpo, loader, memory, ppo, train
 
     run = {
         "train": train.run_train,
@@ -103,6 +116,7 @@ def main(argv=None) -> int:
         "memory": memory.run_memory,
         "loader": loader.run_loader,
         "ppo": ppo.run_ppo,
+        "grpo": grpo.run_grpo,
         "packing": train.run_packing,
     }[args.what]
     try:

@@ -91,6 +91,10 @@ def prompt_records(config, world: World) -> tuple[list[dict], list[dict], str]:
         return train, evals, fmt
     train = tasks_lib.prompts(world, c.prompts, "train", c.train_prompts, tasks)
     evals = tasks_lib.prompts(world, c.prompts, "test", c.eval_prompts, tasks)
+    if c.get("chat", False):
+        # The worked example is a train problem held out of the stream (never a test one).
+        example, train = train[0], train[1:]
+        return tasks_lib.as_chat(train, example), tasks_lib.as_chat(evals, example), "chat"
     return train, evals, tasks_lib.prompt_format(c.prompts)
 
 

@@ -58,6 +58,23 @@ def prompts(world: World, name: str, split: str, n: int, tasks=None) -> list[dic
     return world.instruction_data(split, n, tasks)
 
 
+def as_chat(records: list[dict], example: dict | None = None) -> list[dict]:
+    """`records` with `messages` for the 'chat' prompt format (the tokenizer's own template):
+    the instruction and input as one user turn, after `example` (a solved problem) as a first
+    user / assistant exchange, so that an instruction-tuned model answers in the rewarded form.
+    The other fields stay: the reward functions read them as metadata."""
+
+    def user(r):
+        return {"role": "user", "content": f"{r['instruction']}\n\n{r.get('input', '')}".strip()}
+
+    shot = (
+        []
+        if example is None
+        else [user(example), {"role": "assistant", "content": example["output"]}]
+    )
+    return [dict(r, messages=[*shot, user(r)]) for r in records]
+
+
 def prompt_format(name: str) -> str:
     """How the records render as prompts (`fft.data.formats.encode_prompt`)."""
     return "prompt_completion" if name == "reviews" else "instruction"

@@ -148,3 +148,41 @@ def test_unknown_objective_names_fail_before_loading():
     with pytest.raises(config_lib.ConfigError, match="dynamic_sampling"):
         rlhf._check(c)  # PPO (gae) has no groups to drop
     assert set(registry.ALGOS) >= {"ppo", "grpo"}
+
+
+def test_arithmetic_chat_prompts_render_with_the_chat_template():
+    """rlhf.chat: a held-out train problem as a solved first turn, then the problem, rendered
+    by the tokenizer's chat template with the generation prompt; the metadata stays."""
+    from configs import rlhf as rlhf_configs
+    from fft.data import formats
+
+    c = rlhf_configs.get_config("arithmetic")
+    c.rlhf.chat, c.rlhf.train_prompts, c.rlhf.eval_prompts = True, 5, 3
+    train, evals, fmt = rlhf.prompt_records(c, tasks.world(0))
+    plain = tasks.prompts(tasks.world(0), "arithmetic", "train", 5)
+    assert fmt == "chat" and len(train) == 4 and len(evals) == 3
+    shot = plain[0]
+    assert train[0]["answer"] == plain[1]["answer"]  # the example is not trained on
+    m = evals[0]["messages"]
+    assert [x["role"] for x in m] == ["user", "assistant", "user"]
+    assert m[1]["content"] == shot["output"] and m[2]["content"].endswith(evals[0]["input"])
+
+    class Tok:  # the chat template SmolLM2's GGUF carries (ChatML), on a character tokenizer
+        chat_template = (
+            "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+            "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+        )
+        bos_token = eos_token = None
+        bos_id = eos_id = -1
+
+        def encode(self, s):
+            return [ord(ch) for ch in s]
+
+    text = "".join(map(chr, formats.encode_prompt(evals[0], "chat", Tok())))
+    want = (
+        f"<|im_start|>user\n{m[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+        f"{shot['output']}<|im_end|>\n<|im_start|>user\n{m[2]['content']}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert text == want
