@@ -138,3 +138,30 @@ def test_command_line():
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
     ).stdout  # fmt: skip
     assert "lora_vs_full_optimizer_state" in {d["metric"] for d in _lines(out)}
+
+
+def test_init_from_and_lora_vs_peft(capsys):
+    """`--init_from` (an fft workdir here; 'smollm2-135m-instruct' in docs/performance.md) sets
+    the architecture of both sides; `--lora_rank` trains fft LoRA against peft LoRA of the same
+    rank on the same targets: equal trainable and total parameter counts."""
+    pytest.importorskip("peft")
+    from fft import pretrained, zoo
+
+    micro = zoo.resolve("fft:micro")
+    cfg = pretrained.load_spec(micro).model_config
+    argv = ["train", f"--init_from={micro}", "--seq=16", "--batch=1", "--steps=1",
+            "--rounds=1", "--vs=transformers", "--peer_threads=1", "--peak_n=256",
+            "--lora_rank=4"]  # fmt: skip
+    assert bench.main(argv) == 0
+    lines = _lines(capsys.readouterr().out)
+    params = next(d for d in lines if d["metric"] == "params")
+    assert params["init_from"] == micro and params["lora_rank"] == 4 and "preset" not in params
+    peer = next(d for d in lines if d.get("framework") == "transformers")
+    assert peer["peer_lora_rank"] == 4
+    # r * (d_in + d_out) per target, 7 targets per layer, as fft.models.lora.DEFAULT_TARGETS.
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    d, f = cfg.d_model, cfg.d_ff
+    per_layer = 4 * ((d + q) * 2 + (d + kv) * 2 + (d + f) * 3)
+    assert params["trainable"] == peer["trainable"] == cfg.n_layers * per_layer
+    assert params["value"] == peer["params"]
+    assert "speedup_vs_transformers" in {d["metric"] for d in lines}

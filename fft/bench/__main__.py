@@ -15,6 +15,12 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp, preset, **defaults):
         sp.add_argument("--preset", default=preset, help="model preset (fft.models.presets)")
+        sp.add_argument(
+            "--init_from",
+            default="",
+            help="a real model's architecture instead of --preset (any fft.load name: "
+            "'smollm2-135m-instruct', an HF dir, a .gguf, an fft workdir)",
+        )
         sp.add_argument("--dtype", default="float32", help="compute dtype")
         sp.add_argument("--peer_threads", type=int, default=2, help="torch threads of the peer")
         sp.add_argument("--rounds", type=int, default=2, help="interleaved rounds fft / peer")
@@ -32,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--steps", type=int, default=8, help="timed steps (per round)")
     t.add_argument("--vs", default="", help="'transformers': same config in HF + torch AdamW")
+    t.add_argument(
+        "--lora_rank", type=int, default=0, help="LoRA on the default targets (peer: peft)"
+    )
     t.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     t.add_argument("--scan_layers", action="store_true")
     t.add_argument("--loss_chunk", type=int, default=128, help="chunked cross-entropy positions")

@@ -178,6 +178,35 @@ def model_config(preset: str, seq: int = 0, **overrides):
     return cfg.replace(**overrides) if overrides else cfg
 
 
+def bench_config(args, seq: int = 0, **overrides):
+    """The ModelConfig a benchmark runs: `--init_from`'s architecture when given (any name
+    `fft.load` / `config.init_from` accepts: 'smollm2-135m-instruct', an HF dir, a .gguf, an fft
+    workdir), else `--preset`'s; max_seq_len raised to `seq` where needed. Only the architecture
+    is read: throughput does not depend on the weights' values."""
+    init_from = getattr(args, "init_from", "")
+    if not init_from:
+        return model_config(args.preset, seq, **overrides)
+    from fft import pretrained, zoo
+
+    path = zoo.resolve(init_from, what=f"--init_from={init_from!r}")
+    cfg = pretrained.load_spec(path).model_config
+    if seq and seq > cfg.max_seq_len:
+        cfg = cfg.replace(max_seq_len=seq)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def model_name(args) -> dict:
+    """The settings that name the benchmarked model: preset, or init_from."""
+    init_from = getattr(args, "init_from", "")
+    return {"init_from": init_from} if init_from else {"preset": args.preset}
+
+
+def token_vocab(cfg) -> int:
+    """Ids random tokens are drawn from: the real vocabulary (padding rows are no ids, and the
+    transformers peer has none)."""
+    return getattr(cfg, "real_vocab_size", 0) or cfg.vocab_size
+
+
 def random_lm_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> dict:
     """A full (unpacked, no padding) Batch of random tokens; every token but the first a target."""
     tokens = rng.integers(0, vocab, (batch, seq), dtype=np.int32)

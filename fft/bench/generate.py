@@ -22,21 +22,22 @@ def run_generate(args) -> None:
     from fft.models.transformer import Transformer
     from fft.sampling import generate_tokens
 
-    cfg = common.model_config(args.preset, args.prompt + args.new, dtype=args.dtype)
+    cfg = common.bench_config(args, args.prompt + args.new, dtype=args.dtype)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     settings = {
-        "preset": args.preset,
+        **common.model_name(args),
         "batch": args.batch,
         "prompt_len": args.prompt,
         "new_tokens": args.new,
         "greedy": True,
         "kv_cache": True,
+        "weights": "random init (both sides): no stop tokens, every row makes exactly new_tokens",
         "dtype": cfg.dtype,
     }
     emit("params", int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
          "count", **settings)  # fmt: skip
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, cfg.vocab_size, (args.batch, args.prompt), dtype=np.int32)
+    prompt = rng.integers(0, common.token_vocab(cfg), (args.batch, args.prompt), dtype=np.int32)
     mask = np.ones_like(prompt)
 
     def fft_call() -> float:

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from fft.bench.common import stats
+from fft.bench.common import stats, token_vocab
 from fft.config_lib import FFTError
 
 
@@ -40,6 +40,9 @@ def hf_llama_config(cfg, torch):
     """An HF LlamaConfig of an fft ModelConfig (Llama family: rope, rms, swiglu, no biases)."""
     from transformers import LlamaConfig
 
+    from fft.interop.hf import real_config
+
+    cfg = real_config(cfg)  # transformers has no vocabulary padding rows
     if cfg.mlp != "swiglu" or cfg.norm != "rms" or cfg.pos != "rope":
         raise FFTError("--vs=transformers compares Llama-shaped presets only (rope, rms, swiglu).")
     hf = LlamaConfig(
@@ -62,10 +65,17 @@ def hf_llama_config(cfg, torch):
     return hf
 
 
-class HFPeer:
-    """LlamaForCausalLM + torch AdamW; `threads` intra-op threads (the peers' setting: 2)."""
+# peft names of fft.models.lora.DEFAULT_TARGETS in a LlamaForCausalLM.
+PEFT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-    def __init__(self, cfg, *, threads: int = 2, lr: float = 1e-4, seed: int = 0):
+
+class HFPeer:
+    """LlamaForCausalLM + torch AdamW; `threads` intra-op threads (the peers' setting: 2);
+    `lora_rank` > 0 wraps it in peft LoRA of that rank on fft's default targets (alpha 2r,
+    no dropout, as fft.bench's LoRA) and trains the adapters only."""
+
+    def __init__(self, cfg, *, threads: int = 2, lr: float = 1e-4, seed: int = 0,
+                 lora_rank: int = 0):  # fmt: skip
         torch, transformers = _import()
         from transformers import LlamaForCausalLM
 
@@ -73,8 +83,16 @@ class HFPeer:
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         self.model = LlamaForCausalLM(hf_llama_config(cfg, torch)).float()
+        if lora_rank > 0:
+            from peft import LoraConfig, get_peft_model
+
+            lc = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                            target_modules=list(PEFT_TARGETS))  # fmt: skip
+            self.model = get_peft_model(self.model, lc)
         self.n_params = sum(p.numel() for p in self.model.parameters())
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in trainable)
+        self.opt = torch.optim.AdamW(trainable, lr=lr)
         self.settings = {
             "peer": "transformers",
             "peer_version": transformers.__version__,
@@ -145,7 +163,8 @@ class PeerProcess:
       threads: torch intra-op threads.
     """
 
-    def __init__(self, cfg, *, threads: int = 2, batch=8, seq=256, prompt=64, new=128):
+    def __init__(self, cfg, *, threads: int = 2, batch=8, seq=256, prompt=64, new=128,
+                 lora_rank: int = 0):  # fmt: skip
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -157,9 +176,10 @@ class PeerProcess:
             env=env,
         )
         init = dict(cfg=cfg.to_dict(), threads=threads, batch=batch, seq=seq, prompt=prompt,
-                    new=new)  # fmt: skip
+                    new=new, lora_rank=lora_rank)  # fmt: skip
         reply = self._call("init", **init)
         self.n_params = reply["n_params"]
+        self.n_trainable = reply["n_trainable"]
         self.settings = reply["settings"]
 
     def _call(self, cmd: str, **kw) -> dict:
@@ -197,12 +217,15 @@ def _worker() -> None:
         try:
             if msg["cmd"] == "init":
                 cfg = ModelConfig.from_dict(msg["cfg"])
-                peer = HFPeer(cfg, threads=msg["threads"])
+                peer = HFPeer(cfg, threads=msg["threads"], lora_rank=msg.get("lora_rank", 0))
                 rng = np.random.default_rng(0)
-                tokens = rng.integers(0, cfg.vocab_size, (msg["batch"], msg["seq"]))
-                prompt = rng.integers(0, cfg.vocab_size, (msg["batch"], msg["prompt"]))
+                vocab = token_vocab(cfg)
+                tokens = rng.integers(0, vocab, (msg["batch"], msg["seq"]))
+                prompt = rng.integers(0, vocab, (msg["batch"], msg["prompt"]))
                 new = msg["new"]
-                reply = {"n_params": peer.n_params, "settings": peer.settings}
+                settings = {**peer.settings, "peer_lora_rank": msg.get("lora_rank", 0)}
+                reply = {"n_params": peer.n_params, "n_trainable": peer.n_trainable,
+                         "settings": settings}  # fmt: skip
             elif msg["cmd"] == "train":
                 reply = {"times": [peer.train_step(tokens) for _ in range(msg["steps"])]}
             elif msg["cmd"] == "generate":

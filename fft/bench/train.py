@@ -17,7 +17,8 @@ from fft.bench.common import emit, log
 
 def _fft_settings(args, cfg) -> dict:
     return {
-        "preset": args.preset,
+        **common.model_name(args),
+        "lora_rank": args.lora_rank,
         "seq_len": args.seq,
         "batch": args.batch,
         "dtype": cfg.dtype,
@@ -28,16 +29,18 @@ def _fft_settings(args, cfg) -> dict:
 
 
 def run_train(args) -> None:
-    cfg = common.model_config(
-        args.preset, args.seq, remat=args.remat, scan_layers=args.scan_layers, dtype=args.dtype
+    cfg = common.bench_config(
+        args, args.seq, remat=args.remat, scan_layers=args.scan_layers, dtype=args.dtype
     )
     settings = _fft_settings(args, cfg)
     peak = common.matmul_peak(args.peak_n)
-    trainer = common.lm_trainer(cfg, chunk=args.loss_chunk)
-    emit("params", trainer.n_params, "count", **settings)
+    trainer = common.lm_trainer(cfg, lora_rank=args.lora_rank, chunk=args.loss_chunk)
+    emit("params", trainer.n_params, "count", trainable=trainer.n_trainable, **settings)
     rng = np.random.default_rng(0)
     batches = [
-        common.device_batch(common.random_lm_batch(rng, args.batch, args.seq, cfg.vocab_size))
+        common.device_batch(
+            common.random_lm_batch(rng, args.batch, args.seq, common.token_vocab(cfg))
+        )
         for _ in range(2)
     ]
     compile_s = trainer.compile(batches[0], common.ONEDNN_OPTIONS if args.onednn else None)
@@ -48,7 +51,8 @@ def run_train(args) -> None:
     if args.vs == "transformers":
         from fft.bench.peers import PeerProcess
 
-        peer = PeerProcess(cfg, threads=args.peer_threads, batch=args.batch, seq=args.seq)
+        peer = PeerProcess(cfg, threads=args.peer_threads, batch=args.batch, seq=args.seq,
+                           lora_rank=args.lora_rank)  # fmt: skip
         peer.train(2)  # warm-up, as hf_torch.py
     elif args.vs:
         raise SystemExit(f"--vs={args.vs!r}: only 'transformers' runs in-process.")
@@ -107,6 +111,7 @@ def run_train(args) -> None:
             step_s_median=p["s_median"],
             steps=p["n"],
             params=peer.n_params,
+            trainable=peer.n_trainable,
             mfu=common.train_flops_per_token(peer.n_params, cfg.n_layers, args.seq, cfg.d_model)
             * p["rate"]
             / (peak * 1e9),
