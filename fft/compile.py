@@ -182,7 +182,7 @@ def topology_devices(topo: Topology, num_slices: int = 1) -> list:
 
 
 # =============================================================================================
-# The model and the train step, as fft.train.loop builds them
+# The model and the train step, as the Trainer assembles them (fft.train.trainer.prepare)
 # =============================================================================================
 
 
