@@ -50,9 +50,8 @@ def test_bad_topology_names():
         aot.parse_topology("v4:4x4")
 
 
-def _config(**kw):
-    c = config_lib.pretrain_config("micro")
-    c.batch_size, c.seq_len = 8, 64
+def _set(c, kw: dict):
+    """`c` with the dotted overrides `kw` applied (as `--config.a.b=v` would)."""
     for k, v in kw.items():
         node = c
         *parents, last = k.split(".")
@@ -60,6 +59,12 @@ def _config(**kw):
             node = node[p]
         node[last] = v
     return c
+
+
+def _config(**kw):
+    c = config_lib.pretrain_config("micro")
+    c.batch_size, c.seq_len = 8, 64
+    return _set(c, kw)
 
 
 @needs_libtpu
@@ -116,6 +121,7 @@ def test_compile_qlora_with_auto_dtypes_and_splash():
     assert qlora["per_chip_bytes"]["optimizer"] == lora["per_chip_bytes"]["optimizer"]
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKES = ["pretrain", "instruction", "domain", "continual", "transfer", "reward", "dpo",
           "rlhf", "rlhf:smoke_grpo"]  # fmt: skip
 
@@ -124,16 +130,7 @@ def _smoke(name: str, **kw):
     module, _, variant = name.partition(":")
     c = config_lib.load_config(os.path.join(ROOT, "configs", f"{module}.py"), variant or "smoke")
     with c.unlocked():
-        for k, v in kw.items():
-            node = c
-            *parents, last = k.split(".")
-            for p in parents:
-                node = node[p]
-            node[last] = v
-    return c
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return _set(c, kw)
 
 
 @pytest.mark.parametrize("name", SMOKES)
