@@ -85,7 +85,6 @@ def _parser() -> argparse.ArgumentParser:
 
     gr = sub.add_parser("grpo", help="GRPO on arithmetic: generation vs training time, tokens/s")
     common(gr, "micro")
-    gr.add_argument("--init_from", default="", help="base model ('' = random --preset)")
     gr.add_argument("--algo", default="grpo", help="registry preset: grpo | dr_grpo | dapo | ...")
     gr.add_argument("--rollout_batch", type=int, default=16, help="completions per iteration")
     gr.add_argument("--group_size", type=int, default=8, help="completions per problem")
