@@ -76,6 +76,7 @@ def test_sft_preset_is_built_once_into_the_cache(tmp_path, monkeypatch):
     that is renamed into place, and a second use reads the cache."""
     from fft import zoo
     from fft.methods import instruction
+    from fft.train import trainer
 
     monkeypatch.setenv("FFT_CACHE", str(tmp_path))
     base = tmp_path / f"micro-{zoo.RECIPE_VERSION}"
@@ -91,7 +92,9 @@ def test_sft_preset_is_built_once_into_the_cache(tmp_path, monkeypatch):
             json.dump({"method": "instruction", "steps": config.steps}, f)
         return {"method": "instruction", "steps": config.steps}
 
-    monkeypatch.setattr(instruction, "run", fake_run)
+    # zoo runs `trainer.fit(config, workdir, instruction.recipe(config, workdir))`.
+    monkeypatch.setattr(instruction, "recipe", lambda config, workdir=None: None)
+    monkeypatch.setattr(trainer, "fit", lambda config, workdir, recipe: fake_run(config, workdir))
     path = zoo.resolve("fft:micro-sft")
     assert path == str(tmp_path / f"micro-sft-{zoo.RECIPE_VERSION}")
     assert calls == [("instruction", str(base), calls[0][2])]

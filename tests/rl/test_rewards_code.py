@@ -129,8 +129,8 @@ def test_arithmetic_config_resolves():
     c = config_lib.load_config(os.path.join(ROOT, "configs/rlhf.py"), "arithmetic")
     adv, loss = rlhf._check(c)
     assert (adv.name, loss.name) == ("grpo", "ppo_clip") and c.lora.rank > 0
-    assert c.init_from == "fft:tiny-sft" and c.rlhf.prompts == "arithmetic"
-    reward_fn, eval_reward_fn, true_fn = rlhf.rewards(c, None, [], [])
+    assert c.init_from == "smollm2-135m-instruct" and c.rlhf.prompts == "arithmetic"
+    reward_fn, eval_reward_fn, true_fn = rlhf.rewards(c, [], [])
     rec = tasks.world(0).arithmetic_problems("test", 1)[0]
     texts = [rec["output"], "The answer is -1."]
     np.testing.assert_allclose(reward_fn([rec] * 2, None, texts), [1.1, 0.1], rtol=1e-6)
