@@ -338,6 +338,21 @@ class FFTTrainer:
         return {k: float(v) for k, v in metrics.items()}, dt
 
 
+def on_policy_iteration(data, trainer) -> tuple[float, float, float]:
+    """One rollout's worth of steps of on-policy `data` (PPOBatches) on `trainer`, as the
+    Trainer runs them (bind the live state, pull, step); returns (pull_s, step_s, total_s):
+    the pulls hold the rollout (generation + scoring), the steps the training."""
+    t_iter = time.perf_counter()
+    pull_s, step_s = 0.0, 0.0
+    for _ in range(data.steps_per_rollout):
+        data.bind_state(trainer.graphdef, trainer.state)
+        t = time.perf_counter()
+        b = next(data)
+        pull_s += time.perf_counter() - t
+        step_s += trainer.step(device_batch(b))[1]
+    return pull_s, step_s, time.perf_counter() - t_iter
+
+
 def lm_builder(cfg, *, lora_rank: int = 0, seed: int = 0):
     """`() -> Transformer` (LoRA on the default targets when rank > 0) and its trainable filter."""
     from flax import nnx

@@ -13,8 +13,6 @@ Iteration 0 includes compilation.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from fft.bench import common
@@ -119,15 +117,7 @@ def run_grpo(args) -> None:
 
     rows = []
     for it in range(args.iters):
-        t_iter = time.perf_counter()
-        pull_s, step_s = 0.0, 0.0
-        for _ in range(data.steps_per_rollout):
-            data.bind_state(trainer.graphdef, trainer.state)
-            t = time.perf_counter()
-            b = next(data)
-            pull_s += time.perf_counter() - t
-            step_s += trainer.step(common.device_batch(b))[1]
-        total = time.perf_counter() - t_iter
+        pull_s, step_s, total = common.on_policy_iteration(data, trainer)
         st = data.stats
         gen_s = float(st["rollout_s"])
         new_tokens = float(st["response_len"]) * args.rollout_batch  # sampled, not padded

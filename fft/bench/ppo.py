@@ -12,7 +12,6 @@ so that each part can be timed. Iteration 0 includes compilation.
 from __future__ import annotations
 
 import functools
-import time
 
 import numpy as np
 
@@ -84,15 +83,7 @@ def run_ppo(args) -> None:
 
     rows = []
     for it in range(args.iters):
-        t_iter = time.perf_counter()
-        pull_s, step_s = 0.0, 0.0
-        for _ in range(data.steps_per_rollout):
-            data.bind_state(trainer.graphdef, trainer.state)
-            t = time.perf_counter()
-            b = next(data)
-            pull_s += time.perf_counter() - t
-            step_s += trainer.step(common.device_batch(b))[1]
-        total = time.perf_counter() - t_iter
+        pull_s, step_s, total = common.on_policy_iteration(data, trainer)
         rollout_s = float(data.stats["rollout_s"])
         row = {
             "iteration": it,
